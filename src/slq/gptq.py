@@ -1,0 +1,118 @@
+"""GPTQ for one linear layer, in pure torch.
+
+The layer-output error ||X W^T - X W_hat^T||^2 = tr((W - W_hat) H (W - W_hat)^T) with
+H = X^T X / n is minimized greedily: columns are quantized left to right, and each
+column's rounding error is spread over the columns not yet quantized using the
+inverse Hessian (optimal brain surgeon update). Work is done in blocks of columns with
+lazy updates of the rest of the matrix.
+
+One factorization per layer serves every bitwidth: :func:`factor` returns the upper
+Cholesky factor of H^-1 (with damping), and :func:`gptq_quantize` only reads it.
+Group parameters are computed from the *updated* weights when a group starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .grid import QuantizedWeight, _codes, _dequant_grouped, qparams
+from .spec import QuantSpec
+
+
+class HessianAccumulator:
+    """Running H = 2/n * sum_i x_i x_i^T over the rows of the inputs fed so far."""
+
+    def __init__(self, K: int, device: torch.device | str = "cpu"):
+        self.H = torch.zeros(K, K, dtype=torch.float64, device=device)
+        self.n = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float64)
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.H += x.T @ x
+
+
+@dataclass
+class Factor:
+    """Upper Cholesky factor U of the damped inverse Hessian (H^-1 = U^T U)."""
+
+    U: torch.Tensor  # fp32 [K, K]
+    dead: torch.Tensor  # bool [K]: inputs that were always zero
+    H: torch.Tensor  # fp64 [K, K] undamped Hessian (dead inputs set to 1), for error evaluation
+
+
+def factor(H: torch.Tensor, damp: float = 0.01) -> Factor:
+    """Damp H by ``damp`` x mean(diag H), invert through Cholesky, factor again.
+
+    Columns with zero diagonal (inputs never active) get H_ii = 1 and are zeroed in W.
+    Damping is raised tenfold (up to 5 times) if the matrix is not positive definite.
+    """
+    H = H.to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    diag = torch.arange(H.shape[0], device=H.device)
+    mean_diag = torch.diag(H).mean()
+    for attempt in range(6):
+        Hd = H.clone()
+        Hd[diag, diag] += damp * (10**attempt) * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return Factor(U.to(torch.float32), dead, H)
+    raise RuntimeError("Hessian is not positive definite even after heavy damping")
+
+
+@torch.no_grad()
+def gptq_quantize(
+    W: torch.Tensor, fac: Factor, spec: QuantSpec, clip: bool = True, block_size: int = 128
+) -> QuantizedWeight:
+    """Quantize W [N, K] with GPTQ error feedback; returns codes and group params."""
+    N, K = W.shape
+    G = spec.effective_group(K)
+    W = W.to(torch.float32).clone()
+    W[:, fac.dead] = 0.0
+    U = fac.U.to(W.device)
+    per_channel = G == K
+    B = max(block_size, G) if not per_channel else block_size
+    codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
+    scales = torch.zeros(N, K // G, dtype=torch.float16, device=W.device)
+    zeros = torch.zeros(N, K // G, dtype=torch.int64, device=W.device)
+    if per_channel:  # one group: parameters from the whole row, before any update
+        scales, zeros = qparams(W, spec, G, clip=clip)
+    maxq = spec.maxq
+    for i1 in range(0, K, B):
+        i2 = min(i1 + B, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = col // G
+            if not per_channel and col % G == 0:
+                # B is a multiple of G, so the whole group lies in this block.
+                s, z = qparams(W1[:, i : i + G], spec, G, clip=clip)
+                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+            s, z = scales[:, g : g + 1], zeros[:, g : g + 1]
+            w = W1[:, i : i + 1]
+            q = _codes(w.unsqueeze(1), s, z, maxq).reshape(N, 1)
+            codes[:, col] = q[:, 0].to(torch.uint8)
+            wq = _dequant_grouped(q.unsqueeze(1), s, z).reshape(N, 1)
+            err = (w - wq) / U1[i, i]
+            W1[:, i:] -= err @ U1[i : i + 1, i:]
+            Err1[:, i] = err[:, 0]
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return QuantizedWeight(codes, scales, zeros.to(torch.uint8), spec)
+
+
+def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((W - W_hat) H (W - W_hat)^T): the layer-output squared error per input row."""
+    D = (W.double() - W_hat.double()).to(H.device)
+    return float(torch.einsum("nk,kl,nl->", D, H.double(), D))
