@@ -1,0 +1,146 @@
+"""Quantize a whole model, layer by layer: RTN, or GPTQ on captured activations.
+
+GPTQ runs sequentially by default: the inputs of decoder layer l are produced by
+layers 0..l-1 *already quantized*, so each layer corrects for the error upstream.
+After :func:`quantize_model` the model holds the dequantized weights (fake-quant), so
+it can be evaluated directly; the integer codes are returned for the checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .calib import capture_layer0_inputs, collect_hessians, decoder_layers, layer_linears, run_layer
+from .errors import SlqError
+from .gptq import factor, gptq_quantize, output_error
+from .grid import QuantizedWeight, gamma_stats, quantize_rtn
+from .progress import progress_bar
+from .spec import LayerPlan, Plan, QuantSpec, resolve_group_size
+
+METHODS = ("rtn", "gptq")
+
+
+@dataclass
+class QuantizeResult:
+    qweights: dict[str, QuantizedWeight]
+    plan: Plan
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Full name -> linear for every nn.Linear inside the decoder layers (not lm_head)."""
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    out = {}
+    for i, layer in enumerate(layers):
+        for rel, lin in layer_linears(layer).items():
+            out[f"{prefix}.{i}.{rel}"] = lin
+    return out
+
+
+def layer_spec(name: str, lin: nn.Linear, spec: QuantSpec, method: str) -> LayerPlan:
+    """Resolve the group size for this layer's K and record the decision."""
+    N, K = lin.weight.shape
+    g, note = resolve_group_size(K, spec.group_size)
+    s = QuantSpec(spec.bits, g, spec.symmetric)
+    return LayerPlan(name, N, K, s, spec.group_size, note, method)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    spec: QuantSpec | None = None,
+    *,
+    specs: dict[str, QuantSpec] | None = None,
+    method: str = "gptq",
+    windows: torch.Tensor | None = None,
+    clip: bool = True,
+    damp: float = 0.01,
+    sequential: bool = True,
+    batch_size: int = 8,
+    device: str = "cpu",
+    progress: bool = True,
+) -> QuantizeResult:
+    """Quantize every linear in the decoder layers in place (weights become dequantized).
+
+    ``spec`` applies to every layer; ``specs`` (full module name -> spec) overrides it per
+    layer, which is how mixed-bitwidth plans are built. GPTQ needs ``windows``
+    (LongTensor [n, seq_len] of calibration tokens).
+    """
+    if method not in METHODS:
+        raise SlqError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "gptq" and (windows is None or len(windows) == 0):
+        raise SlqError("GPTQ needs calibration windows")
+    linears = quantizable_linears(model)
+    if not linears:
+        raise SlqError("the model has no linear layers to quantize")
+    specs = dict(specs or {})
+    unknown = set(specs) - set(linears)
+    if unknown:
+        raise SlqError(f"spec given for modules the model does not have: {sorted(unknown)[:3]}")
+    if spec is None and len(specs) != len(linears):
+        raise SlqError("give a spec for every layer, or a default spec")
+
+    plan = Plan()
+    for name, lin in linears.items():
+        plan.add(layer_spec(name, lin, specs.get(name, spec), method))
+    qweights: dict[str, QuantizedWeight] = {}
+    t0 = time.perf_counter()
+    timings = {"capture_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0, "forward_s": 0.0}
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+
+    batches = None
+    if method == "gptq":
+        t = time.perf_counter()
+        batches = capture_layer0_inputs(model, windows, batch_size, device)
+        timings["capture_s"] = time.perf_counter() - t
+
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"{method.upper()} layers", total=len(layers))
+        for i, layer in enumerate(layers):
+            rel = layer_linears(layer)
+            names = {f"{prefix}.{i}.{r}": r for r in rel}
+            hessians = {}
+            if method == "gptq":
+                t = time.perf_counter()
+                hessians = collect_hessians(layer, batches, list(names.values()))
+                timings["hessian_s"] += time.perf_counter() - t
+            t = time.perf_counter()
+            factors = {}
+            for full, r in names.items():
+                lin = rel[r]
+                lp = plan[full]
+                W = lin.weight.data.float()
+                if not torch.isfinite(W).all():
+                    raise SlqError(f"weight {full}.weight contains NaN or Inf values")
+                lp.gamma_mean, lp.gamma2_mean = gamma_stats(W, lp.spec.effective_group(lp.K))
+                if method == "gptq":
+                    acc = hessians[r]
+                    key = id(acc)
+                    if key not in factors:
+                        factors[key] = factor(acc.H, damp)
+                    fac = factors[key]
+                    q = gptq_quantize(W.to(device), fac, lp.spec, clip=clip)
+                else:
+                    q = quantize_rtn(W, lp.spec, clip=clip)
+                q = QuantizedWeight(q.codes.cpu(), q.scale.cpu(), q.zero.cpu(), q.spec)
+                W_hat = q.dequantize()
+                if method == "gptq":
+                    base = output_error(W, torch.zeros_like(W), fac.H)
+                    lp.metrics["rel_output_error"] = output_error(W, W_hat, fac.H) / max(base, 1e-30)
+                lp.metrics["rel_weight_error"] = float((W - W_hat).pow(2).sum() / W.pow(2).sum().clamp_min(1e-30))
+                lin.weight.data.copy_(W_hat.to(lin.weight.dtype))
+                qweights[full] = q
+            timings["solve_s"] += time.perf_counter() - t
+            if method == "gptq" and sequential and i + 1 < len(layers):
+                t = time.perf_counter()
+                batches = run_layer(layer, batches)
+                timings["forward_s"] += time.perf_counter() - t
+            bar.advance(task)
+    timings["total_s"] = time.perf_counter() - t0
+    return QuantizeResult(qweights, plan, timings)
