@@ -238,12 +238,12 @@ def load(path: str | os.PathLike, *, backend: str = "reference", device: str = "
     cfg_path, w_path = path / "config.json", path / WEIGHTS
     if not cfg_path.is_file():
         raise SlqError(f"{path} is not a checkpoint: config.json is missing")
-    if not w_path.is_file():
-        raise SlqError(f"corrupt or incomplete checkpoint {path}: {WEIGHTS} is missing")
     try:
         cfg_dict = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise SlqError(f"corrupt checkpoint {path}: config.json is not JSON ({e})") from e
+    if not w_path.is_file():
+        raise SlqError(f"corrupt or incomplete checkpoint {path}: {WEIGHTS} is missing")
     specs = read_specs(cfg_dict)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):

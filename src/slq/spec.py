@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .errors import SlqError
+
 SCALE_BITS = 16  # scales are stored as fp16
 ALLOWED_GROUP_SIZES = (16, 32, 64, 128, 256, None)
 MIN_BITS, MAX_BITS = 2, 8
@@ -38,10 +40,10 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
-            raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {self.bits!r}")
+            raise SlqError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {self.bits!r}")
         g = self.group_size
         if g is not None and (not isinstance(g, int) or g < 16 or g & (g - 1)):
-            raise ValueError(f"group_size must be a power of two >= 16 or None (per-channel), got {g!r}")
+            raise SlqError(f"group_size must be a power of two >= 16 or None (per-channel), got {g!r}")
 
     @property
     def maxq(self) -> int:
@@ -76,9 +78,9 @@ def resolve_group_size(K: int, requested: int | None) -> tuple[int | None, str]:
     g = requested // 2
     while g >= 16:
         if K % g == 0:
-            return g, f"K={K} not divisible by {requested}; largest power-of-two divisor >= 16 is {g}"
+            return g, f"K={K} not divisible by {requested}: g{g}"
         g //= 2
-    return None, f"K={K} has no power-of-two divisor >= 16; per-channel"
+    return None, f"K={K} has no power-of-two divisor >= 16: per-channel"
 
 
 @dataclass

@@ -1,0 +1,184 @@
+"""Public entry points: each CLI verb calls exactly one of these."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import load as load_checkpoint
+from .checkpoint import read_report, save_checkpoint
+from .data import GENERATED, windows_from_source
+from .errors import SlqError
+from .models import check_finite, is_slq_checkpoint, load_model, resolve_model
+from .quantize import quantize_model
+from .spec import Plan, QuantSpec, model_bits_per_param
+
+
+def versions() -> dict:
+    import compressed_tensors
+    import transformers
+
+    return {
+        "slq": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "compressed_tensors": compressed_tensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd or Path(__file__).parent, timeout=5
+        ).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def open_model(source: str | None, *, device: str = "cpu", trust_remote_code: bool = False):
+    """(model, tokenizer, local_dir) for anything slq accepts: HF dir, GGUF, hub id,
+    an slq checkpoint, or None for the embedded default."""
+    path = resolve_model(source)
+    if is_slq_checkpoint(path):
+        from transformers import AutoTokenizer
+
+        model = load_checkpoint(path, device=device, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return model, tok, path
+    model, tok = load_model(path, device=device, trust_remote_code=trust_remote_code)
+    return model, tok, path
+
+
+def _other_params(model, quantized: set[str]) -> dict[str, tuple[int, int]]:
+    """Unquantized tensors (tied ones once) -> (numel, bits at stored precision)."""
+    out, seen = {}, set()
+    for name, p in model.named_parameters(remove_duplicate=True):
+        mod = name.rsplit(".", 1)[0]
+        if mod in quantized or p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        out[name] = (p.numel(), p.element_size() * 8)
+    return out
+
+
+def quantize(
+    model: str | None = None,
+    *,
+    bits: int = 4,
+    group_size: int | None = 128,
+    symmetric: bool = False,
+    method: str = "gptq",
+    calib: str | None = None,
+    calib_samples: int = 128,
+    seq_len: int = 512,
+    clip: bool = True,
+    device: str = "cpu",
+    seed: int = 0,
+    out: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Quantize every decoder linear to ``bits`` and (if ``out``) write the checkpoint.
+
+    Returns the report (also written as slq_report.json).
+    """
+    spec = QuantSpec(bits, group_size, symmetric)  # validates bits and group size
+    if out is not None and Path(out).exists() and not force:
+        raise SlqError(f"output directory {out} exists; pass --force to replace it")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SlqError("--device cuda was asked for but CUDA is not available")
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    m, tok, path = open_model(model, device=device, trust_remote_code=trust_remote_code)
+    if is_slq_checkpoint(path):
+        raise SlqError(f"{path} is already a quantized checkpoint; quantize the reference model instead")
+    check_finite(m)
+    t_load = time.perf_counter() - t0
+    windows = None
+    t = time.perf_counter()
+    if method == "gptq":
+        windows = windows_from_source(calib, m, tok, n=calib_samples, seq_len=seq_len, seed=seed, device=device)
+    t_calib = time.perf_counter() - t
+    res = quantize_model(m, spec, method=method, windows=windows, clip=clip, device=device, progress=progress)
+    report = build_report(m, path, res.plan, spec, method=method, calib=calib, calib_samples=calib_samples,
+                          seq_len=seq_len, clip=clip, seed=seed, device=device)
+    report["timings"] = {"load_s": t_load, "calibration_data_s": t_calib, **res.timings}
+    if out is not None:
+        t = time.perf_counter()
+        m.cpu()
+        save_checkpoint(out, m, tok, res.qweights, report, force=force)
+        report["timings"]["save_s"] = time.perf_counter() - t
+        report["timings"]["total_s"] = time.perf_counter() - t0
+        # rewrite the report with final timings (small file; the checkpoint is already in place)
+        import json
+
+        (Path(out) / "slq_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def build_report(model, path: Path, plan: Plan, spec: QuantSpec, **settings) -> dict:
+    gammas = [lp.gamma_mean for lp in plan if lp.gamma_mean == lp.gamma_mean and lp.gamma_mean is not None]
+    gammas2 = [lp.gamma2_mean for lp in plan if lp.gamma2_mean == lp.gamma2_mean and lp.gamma2_mean is not None]
+    other = _other_params(model, set(plan.layers))
+    return {
+        "model": str(Path(path).resolve()),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "settings": {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric, **settings},
+        "bits_per_param": plan.bits_per_param(),
+        "bits_per_param_model": model_bits_per_param(plan, other),
+        "n_params_quantized": plan.n_params,
+        "n_params_other": sum(n for n, _ in other.values()),
+        "gamma": {
+            "mean": sum(gammas) / len(gammas) if gammas else None,
+            "mean_sq": sum(gammas2) / len(gammas2) if gammas2 else None,
+        },
+        "plan": plan.to_dict(),
+    }
+
+
+def info(path: str | Path) -> dict:
+    """The report and plan of a checkpoint (validated through its config)."""
+    from .checkpoint import read_specs
+    import json
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise SlqError(f"{p} is not an slq checkpoint (no config.json)")
+    try:
+        specs = read_specs(json.loads((p / "config.json").read_text()))
+    except json.JSONDecodeError as e:
+        raise SlqError(f"corrupt checkpoint {p}: config.json is not JSON") from e
+    report = read_report(p)
+    if not report:
+        raise SlqError(f"{p} has no slq_report.json (not written by slq?)")
+    plan = Plan.from_dict(report["plan"])
+    for name, s in specs.items():
+        if name not in plan.layers or plan[name].spec != s:
+            raise SlqError(f"slq_report.json disagrees with config.json about {name}")
+    return report
+
+
+def generate(source: str | None, prompt: str, *, max_new_tokens: int = 32, device: str = "cpu",
+             trust_remote_code: bool = False) -> str:
+    """Greedy continuation of ``prompt`` by a model or checkpoint."""
+    if not prompt:
+        raise SlqError("the prompt is empty")
+    m, tok, _ = open_model(source, device=device, trust_remote_code=trust_remote_code)
+    ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+    with torch.inference_mode():
+        out = m.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+__all__ = ["quantize", "info", "generate", "open_model", "GENERATED"]
