@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +27,8 @@ from slq.fidelity import (
     token_metrics,
 )
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
+# Same location rule as conftest.py: $SLQ_SHARED, else ../shared beside the repository.
+SHARED = Path(os.environ.get("SLQ_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared"))
 STORIES = SHARED / "models" / "stories260K"
 TINY_TEXT = SHARED / "data" / "calib" / "tiny.utf8"
 
@@ -290,7 +292,7 @@ def test_bootstrap_edge_cases_and_determinism():
 
 
 @pytest.fixture(scope="module")
-def stories():
+def stories_lm():
     if not STORIES.is_dir() or not TINY_TEXT.is_file():
         pytest.skip(f"shared model/data not found at {SHARED}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -304,8 +306,8 @@ def stories():
 
 
 @pytest.fixture(scope="module")
-def perturbed(stories):
-    model = copy.deepcopy(stories.model)
+def perturbed(stories_lm):
+    model = copy.deepcopy(stories_lm.model)
     weight = model.model.layers[2].mlp.down_proj.weight
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -342,8 +344,8 @@ def full_logit_oracle(reference, candidate, windows: torch.Tensor, mask: torch.T
     }
 
 
-def test_model_against_itself_is_exactly_lossless(stories):
-    fid = compare_windows(stories.model, stories.model, stories.windows, batch_size=4, progress=False)
+def test_model_against_itself_is_exactly_lossless(stories_lm):
+    fid = compare_windows(stories_lm.model, stories_lm.model, stories_lm.windows, batch_size=4, progress=False)
     assert fid.ear == 1.0 and fid.ear_ci95 == (1.0, 1.0) and fid.ear_top10 == 1.0
     assert fid.kl_pq_mean == 0.0 and fid.kl_pq_max == 0.0 and fid.kl_qp_mean == 0.0
     assert fid.top1 == 1.0 and fid.dp_rms == 0.0 and fid.ppl_ratio == 1.0
@@ -351,10 +353,10 @@ def test_model_against_itself_is_exactly_lossless(stories):
     assert 2.0 < fid.ppl_reference < 30.0  # an off-by-one next token would give hundreds
 
 
-def test_perturbed_copy_matches_full_logit_oracle(stories, perturbed):
-    windows = stories.windows
-    fid = compare_windows(stories.model, perturbed, windows, batch_size=3, progress=False)
-    want = full_logit_oracle(stories.model, perturbed, windows, torch.ones(10, 47, dtype=torch.bool))
+def test_perturbed_copy_matches_full_logit_oracle(stories_lm, perturbed):
+    windows = stories_lm.windows
+    fid = compare_windows(stories_lm.model, perturbed, windows, batch_size=3, progress=False)
+    want = full_logit_oracle(stories_lm.model, perturbed, windows, torch.ones(10, 47, dtype=torch.bool))
     assert 0.5 < fid.ear < 1.0
     assert fid.ear == pytest.approx(want["ear"].mean(), abs=1e-6)
     assert fid.ear_top10 == pytest.approx(want["ear_top10"].mean(), abs=1e-6)
@@ -378,12 +380,12 @@ def test_perturbed_copy_matches_full_logit_oracle(stories, perturbed):
     assert overall == pytest.approx(1 - fid.top1)
 
 
-def test_mask_selects_the_counted_positions(stories, perturbed):
+def test_mask_selects_the_counted_positions(stories_lm, perturbed):
     g = torch.Generator().manual_seed(1)
     mask = torch.rand(10, 47, generator=g) < 0.3
     mask[4] = False  # a window with nothing counted
-    fid = compare_windows(stories.model, perturbed, stories.windows, mask=mask, batch_size=4, progress=False)
-    want = full_logit_oracle(stories.model, perturbed, stories.windows, mask)
+    fid = compare_windows(stories_lm.model, perturbed, stories_lm.windows, mask=mask, batch_size=4, progress=False)
+    want = full_logit_oracle(stories_lm.model, perturbed, stories_lm.windows, mask)
     assert fid.n_tokens == int(mask.sum()) and fid.n_sequences == 9
     assert fid.ear == pytest.approx(want["ear"].mean(), abs=1e-6)
     assert fid.ppl_candidate == pytest.approx(np.exp(want["nll_cand"].mean()), rel=1e-5)
@@ -404,24 +406,24 @@ class Tracked(torch.nn.Module):
         return SimpleNamespace(logits=logits)
 
 
-def test_no_more_than_one_batch_of_logits_is_alive(stories, perturbed):
+def test_no_more_than_one_batch_of_logits_is_alive(stories_lm, perturbed):
     registry, alive = [], []
-    ref, cand = Tracked(stories.model, registry, alive), Tracked(perturbed, registry, alive)
-    compare_windows(ref, cand, stories.windows, batch_size=2, progress=False)
+    ref, cand = Tracked(stories_lm.model, registry, alive), Tracked(perturbed, registry, alive)
+    compare_windows(ref, cand, stories_lm.windows, batch_size=2, progress=False)
     assert len(alive) == 10  # 5 batches x 2 models
     assert max(alive) <= 1  # at most the reference logits of the current batch
     assert all(r.expired() for r in registry)
 
 
-def test_batch_size_does_not_change_the_result(stories, perturbed):
-    a = compare_windows(stories.model, perturbed, stories.windows, batch_size=1, progress=False)
-    b = compare_windows(stories.model, perturbed, stories.windows, batch_size=10, progress=False)
+def test_batch_size_does_not_change_the_result(stories_lm, perturbed):
+    a = compare_windows(stories_lm.model, perturbed, stories_lm.windows, batch_size=1, progress=False)
+    b = compare_windows(stories_lm.model, perturbed, stories_lm.windows, batch_size=10, progress=False)
     assert a.ear == pytest.approx(b.ear, abs=1e-6) and a.kl_pq_mean == pytest.approx(b.kl_pq_mean, rel=1e-4)
 
 
-def test_fidelity_dict_round_trip_is_json(stories, perturbed):
-    fid = compare_windows(stories.model, perturbed, stories.windows, batch_size=5, progress=False, n_boot=200)
-    fid.on_policy = compare_windows(stories.model, perturbed, stories.windows[:3], progress=False, n_boot=200)
+def test_fidelity_dict_round_trip_is_json(stories_lm, perturbed):
+    fid = compare_windows(stories_lm.model, perturbed, stories_lm.windows, batch_size=5, progress=False, n_boot=200)
+    fid.on_policy = compare_windows(stories_lm.model, perturbed, stories_lm.windows[:3], progress=False, n_boot=200)
     fid.tasks = {"piqa": {"acc": 0.5}}
     d = json.loads(json.dumps(fid.to_dict()))
     assert d["n_tokens"] == 470 and d["ear"]["mean"] == fid.ear and len(d["ear"]["ci95"]) == 2
@@ -448,11 +450,11 @@ class NoCache(torch.nn.Module):
         return SimpleNamespace(logits=self.inner(input_ids=input_ids).logits, past_key_values=None)
 
 
-def test_sampling_is_deterministic_and_masks_the_generated_positions(stories):
-    prompts = stories.windows[:5, :6]
-    windows, mask = sample_continuations(stories.model, prompts, 12, seed=3, batch_size=2)
-    again, _ = sample_continuations(stories.model, prompts, 12, seed=3, batch_size=2)
-    other, _ = sample_continuations(stories.model, prompts, 12, seed=4, batch_size=2)
+def test_sampling_is_deterministic_and_masks_the_generated_positions(stories_lm):
+    prompts = stories_lm.windows[:5, :6]
+    windows, mask = sample_continuations(stories_lm.model, prompts, 12, seed=3, batch_size=2)
+    again, _ = sample_continuations(stories_lm.model, prompts, 12, seed=3, batch_size=2)
+    other, _ = sample_continuations(stories_lm.model, prompts, 12, seed=4, batch_size=2)
     assert windows.shape == (5, 18) and mask.shape == (5, 17)
     assert torch.equal(windows, again) and not torch.equal(windows, other)
     assert torch.equal(windows[:, :6], prompts)
@@ -460,32 +462,32 @@ def test_sampling_is_deterministic_and_masks_the_generated_positions(stories):
     assert torch.equal(mask, expected) and torch.all(mask.sum(1) == 12)
 
 
-def test_kv_cache_sampling_equals_full_recompute(stories):
-    prompts = stories.windows[:4, :5]
-    cached, _ = sample_continuations(stories.model, prompts, 10, seed=11)
-    recomputed, _ = sample_continuations(NoCache(stories.model), prompts, 10, seed=11)
+def test_kv_cache_sampling_equals_full_recompute(stories_lm):
+    prompts = stories_lm.windows[:4, :5]
+    cached, _ = sample_continuations(stories_lm.model, prompts, 10, seed=11)
+    recomputed, _ = sample_continuations(NoCache(stories_lm.model), prompts, 10, seed=11)
     assert torch.equal(cached, recomputed)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_first_sampled_token_follows_tempered_reference(stories, temperature):
-    prompt = torch.tensor(stories.tokenizer("Lily").input_ids)
+def test_first_sampled_token_follows_tempered_reference(stories_lm, temperature):
+    prompt = torch.tensor(stories_lm.tokenizer("Lily").input_ids)
     n = 4000
-    windows, _ = sample_continuations(stories.model, prompt.expand(n, -1), 1, temperature=temperature,
+    windows, _ = sample_continuations(stories_lm.model, prompt.expand(n, -1), 1, temperature=temperature,
                                       seed=0, batch_size=n)
     with torch.no_grad():
-        p = torch.softmax(stories.model(input_ids=prompt[None]).logits[0, -1].double() / temperature, -1)
+        p = torch.softmax(stories_lm.model(input_ids=prompt[None]).logits[0, -1].double() / temperature, -1)
     freq = torch.bincount(windows[:, -1], minlength=p.numel()).double() / n
     sd = torch.sqrt(p * (1 - p) / n)
     likely = p > 0.005
     assert torch.all((freq - p).abs()[likely] < 5 * sd[likely] + 1e-9)
 
 
-def test_on_policy_ear_of_model_with_itself_is_one(stories, perturbed):
-    prompts = stories.windows[:4, :6]
-    same = on_policy_ear(stories.model, stories.model, prompts, 10, seed=2, progress=False, n_boot=100)
+def test_on_policy_ear_of_model_with_itself_is_one(stories_lm, perturbed):
+    prompts = stories_lm.windows[:4, :6]
+    same = on_policy_ear(stories_lm.model, stories_lm.model, prompts, 10, seed=2, progress=False, n_boot=100)
     assert same.ear == 1.0 and same.kl_pq_mean == 0.0 and same.n_tokens == 40
-    other = on_policy_ear(stories.model, perturbed, prompts, 10, seed=2, progress=False, n_boot=100)
-    windows, mask = sample_continuations(stories.model, prompts, 10, seed=2)
-    want = full_logit_oracle(stories.model, perturbed, windows, mask)
+    other = on_policy_ear(stories_lm.model, perturbed, prompts, 10, seed=2, progress=False, n_boot=100)
+    windows, mask = sample_continuations(stories_lm.model, prompts, 10, seed=2)
+    want = full_logit_oracle(stories_lm.model, perturbed, windows, mask)
     assert other.ear < 1.0 and other.ear == pytest.approx(want["ear"].mean(), abs=1e-6)

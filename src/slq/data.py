@@ -95,10 +95,11 @@ def generated_windows(
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise SlqError("the tokenizer has neither a BOS nor an EOS token to start generation from")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for b0 in range(0, n, batch_size):
         b = min(batch_size, n - b0)
+        # one generator per sequence: sample i is the same whatever the batch size
+        gens = [torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + b0 + r) for r in range(b)]
         ids = torch.full((b, 1), start, dtype=torch.long, device=device)
         past = None
         cur = ids
@@ -106,7 +107,7 @@ def generated_windows(
             o = model(input_ids=cur, past_key_values=past, use_cache=True)
             past = o.past_key_values
             probs = torch.softmax(o.logits[:, -1].float(), dim=-1).cpu()
-            nxt = torch.multinomial(probs, 1, generator=gen).to(device)
+            nxt = torch.stack([torch.multinomial(probs[r], 1, generator=gens[r]) for r in range(b)]).to(device)
             ids = torch.cat([ids, nxt], dim=1)
             cur = nxt
         out.append(ids.cpu())

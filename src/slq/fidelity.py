@@ -48,7 +48,6 @@ __all__ = [
 ]
 
 TOP_K = 10
-_KEEP = []
 EAR_TOP10_DEFINITION = (
     "top-10 tokens of the reference; reference and candidate both renormalized over that set; "
     "not the acceptance rate (blind to mass outside the set)"
@@ -400,7 +399,6 @@ def _batch_metrics(
         return z.flatten(0, 1) if every else z[mask]
 
     ref = logits(reference)
-    _KEEP.append(ref)
     cand = logits(candidate)
     if ref.shape != cand.shape:
         raise ValueError(f"vocabularies differ: reference {ref.shape[-1]}, candidate {cand.shape[-1]}")

@@ -369,7 +369,10 @@ if triton is not None:
                 wq = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), [BN, 4 * C])
                 kk = kbase + 4 * u * C + xoff
                 xt = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & (kk < K)[None, :], other=0.0)
-                part = tl.dot(xt, tl.trans(wq))
+                if USE_ASM:
+                    part = tl.dot(xt, tl.trans(wq))
+                else:  # the interpreter's bf16 dot is wrong (Triton 3.9): an exact fp32 one instead
+                    part = tl.dot(xt.to(tl.float32), tl.trans(wq).to(tl.float32), input_precision="ieee")
                 acc += part * sc[None, :]
         offs = ms[:, None] * N + rows[None, :]
         omask = mmask[:, None] & rmask[None, :]

@@ -1,0 +1,113 @@
+"""The command line end to end on stories260K, and its handling of bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from slq.cli import app
+
+from conftest import TINY_TEXT, need
+
+runner = CliRunner()
+
+
+def _slq(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_quantize_info_generate(stories_dir, tmp_path):
+    out = tmp_path / "q"
+    r = _slq("quantize", stories_dir, "--bits", "3", "--calib", need(TINY_TEXT), "--calib-samples", "4",
+             "--seq-len", "64", "--out", out)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "slq_report.json").read_text())
+    assert report["model"] == str(stories_dir.resolve())
+    assert report["settings"]["method"] == "gptq" and report["settings"]["bits"] == 3
+    assert 3.0 < report["bits_per_param"] < 3.5
+    assert report["gamma"]["mean"] >= 1.0
+    assert set(report["timings"]) >= {"load_s", "hessian_s", "solve_s", "total_s"}
+    r = _slq("info", out)
+    assert r.exit_code == 0 and "model.layers.0.mlp.down_proj" in r.output and "channel" in r.output
+    r = _slq("generate", out, "--prompt", "Once upon a time", "-n", "8")
+    assert r.exit_code == 0 and r.output.startswith("Once upon a time")
+
+
+def test_rtn_needs_no_calibration(stories_dir, tmp_path):
+    r = _slq("quantize", stories_dir, "--bits", "8", "--method", "rtn", "--sym", "--group-size", "channel",
+             "--out", tmp_path / "r")
+    assert r.exit_code == 0, r.output
+    plan = json.loads((tmp_path / "r" / "slq_report.json").read_text())["plan"]
+    assert all(lp["spec"]["group_size"] is None and lp["spec"]["symmetric"] for lp in plan.values())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bits", "9"], "bits must be an integer in 2..8"),
+        (["--bits", "1"], "bits must be an integer in 2..8"),
+        (["--group-size", "100"], "--group-size must be"),
+        (["--method", "awq"], "unknown method"),
+        (["--calib", "/nonexistent/calib.txt"], "not found"),
+        (["--device", "tpu"], "--device must be"),
+    ],
+)
+def test_bad_arguments_one_line_nonzero_nothing_written(stories_dir, tmp_path, args, message):
+    out = tmp_path / "o"
+    r = _slq("quantize", stories_dir, *args, "--out", out)
+    assert r.exit_code == 1
+    assert message in r.output
+    assert "Traceback" not in r.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_models_and_sources(stories_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    cases = [
+        (["quantize", tmp_path / "missing-dir", "--out", tmp_path / "o"], "no such file or directory"),
+        (["quantize", tmp_path, "--out", tmp_path / "o"], "holds no config.json"),
+        (["quantize", "nobody/no-such-model-xyz", "--out", tmp_path / "o"], "could not fetch 'nobody/no-such-model-xyz'"),
+        (["quantize", stories_dir, "--calib", empty, "--out", tmp_path / "o"], "is empty"),
+        (["info", tmp_path], "not an slq checkpoint"),
+    ]
+    for args, message in cases:
+        r = _slq(*args)
+        assert r.exit_code == 1, (args, r.output)
+        assert message in r.output, (args, r.output)
+        assert not (tmp_path / "o").exists()
+
+
+def test_unknown_architecture(tmp_path):
+    d = tmp_path / "weird"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "not-a-real-arch"}))
+    r = _slq("quantize", d, "--method", "rtn", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "unsupported or unknown architecture" in r.output
+
+
+def test_nan_weights_rejected(stories_dir, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "nan"
+    shutil.copytree(stories_dir, d)
+    t = load_file(d / "model.safetensors")
+    t["model.layers.2.mlp.up_proj.weight"][3, 4] = float("nan")
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    r = _slq("quantize", d, "--method", "rtn", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "NaN or Inf" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_console_script_exit_code(tmp_path):
+    """The installed entry point exits non-zero with one error line."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "slq", "info", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert p.returncode == 1
+    assert p.stderr.strip().count("\n") == 0 and "error:" in p.stderr
