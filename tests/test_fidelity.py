@@ -33,6 +33,16 @@ STORIES = SHARED / "models" / "stories260K"
 TINY_TEXT = SHARED / "data" / "calib" / "tiny.utf8"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models and arrays are tiny: extra OpenMP threads only spin against other work on a shared
+    2-core machine (the sampling loop ran ~100x slower with 2 threads under load). Restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Oracles
 # ---------------------------------------------------------------------------------------------------------

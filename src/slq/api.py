@@ -85,10 +85,16 @@ def quantize(
     force: bool = False,
     progress: bool = True,
     trust_remote_code: bool = False,
+    eval: bool = False,
+    eval_data: str | None = GENERATED,
+    eval_tokens: int = 8 * 512,
 ) -> dict:
     """Quantize every decoder linear to ``bits`` and (if ``out``) write the checkpoint.
 
-    Returns the report (also written as slq_report.json).
+    With ``eval`` the quantized model is measured against the reference on ``eval_tokens``
+    tokens of ``eval_data`` (held out: generated data uses another seed than calibration;
+    for a text file, the windows after the calibration windows are used) and the numbers
+    go into the report under ``fidelity``. Returns the report (also slq_report.json).
     """
     spec = QuantSpec(bits, group_size, symmetric)  # validates bits and group size
     if out is not None and Path(out).exists() and not force:
@@ -111,6 +117,17 @@ def quantize(
     report = build_report(m, path, res.plan, spec, method=method, calib=calib, calib_samples=calib_samples,
                           seq_len=seq_len, clip=clip, seed=seed, device=device)
     report["timings"] = {"load_s": t_load, "calibration_data_s": t_calib, **res.timings}
+    if eval:
+        from .evaluate import evaluate
+
+        t = time.perf_counter()
+        ref, _ = load_model(path, device=device, trust_remote_code=trust_remote_code)
+        skip = calib_samples if (eval_data == calib and eval_data not in (None, GENERATED)) else 0
+        fid = evaluate((ref, tok), (m, tok), data=eval_data, tokens=eval_tokens, seq_len=seq_len,
+                       skip_windows=skip, device=device, seed=seed + 101, progress=progress)
+        report["fidelity"] = fid.to_dict()
+        report["timings"]["eval_s"] = time.perf_counter() - t
+        del ref
     if out is not None:
         t = time.perf_counter()
         m.cpu()

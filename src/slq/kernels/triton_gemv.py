@@ -235,7 +235,7 @@ if triton is not None:
         x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
         M, N, K, G, NG, NB, BLOCKS_PER_SPLIT,
         BITS: tl.constexpr, C: tl.constexpr, JG: tl.constexpr, BN: tl.constexpr,
-        SPLIT: tl.constexpr, USE_ASM: tl.constexpr,
+        SPLIT: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
         PB0: tl.constexpr, PB1: tl.constexpr, PB2: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -263,40 +263,43 @@ if triton is not None:
 
         acc = tl.zeros([BN, C], dtype=tl.float32)
         corr = tl.zeros([BN], dtype=tl.float32)
+        t = tl.zeros([BN, C], dtype=tl.float32)
+        xs = tl.zeros([C], dtype=tl.float32)
+        QG: tl.constexpr = JG // 4  # quads per scale chunk
         kb0 = pid_s * BLOCKS_PER_SPLIT
         kb1 = tl.minimum(kb0 + BLOCKS_PER_SPLIT, NB)
-        for kb in range(kb0, kb1):
+        # runtime loop over (block, slot of the widest plane); F0 quads per slot unrolled
+        for it in range(kb0 * PB0, kb1 * PB0):
+            kb = it // PB0
+            a = it % PB0
             wb = w_row + kb * (BITS * C)
             kbase = kb * (32 * C)
-            t = tl.zeros([BN, C], dtype=tl.float32)
-            xs = tl.zeros([C], dtype=tl.float32)
-            for u in tl.static_range(8):
-                if u % F0 == 0:
-                    w0 = tl.load(wb + (u // F0) * C, mask=wmask, other=0)
-                qd = _field(w0, PB0, u % F0, 0)
+            w0 = tl.load(wb + a * C, mask=wmask, other=0)
+            for f in tl.static_range(F0):
+                u = a * F0 + f
+                qd = _field(w0, PB0, f, 0)
                 if PB1 > 0:
-                    if u % F1 == 0:
-                        w1 = tl.load(wb + (O1 + u // F1) * C, mask=wmask, other=0)
-                    qd = qd | _field(w1, PB1, u % F1, S1)
+                    w1 = tl.load(wb + (O1 + u // F1) * C, mask=wmask, other=0)
+                    qd = qd | (((w1 >> (PB1 * (u % F1))) & (((1 << PB1) - 1) * 0x01010101)) << S1)
                 if PB2 > 0:
-                    if u % F2 == 0:
-                        w2 = tl.load(wb + (O2 + u // F2) * C, mask=wmask, other=0)
-                    qd = qd | _field(w2, PB2, u % F2, S2)
+                    w2 = tl.load(wb + (O2 + u // F2) * C, mask=wmask, other=0)
+                    qd = qd | (((w2 >> (PB2 * (u % F2))) & (((1 << PB2) - 1) * 0x01010101)) << S2)
                 for i in tl.static_range(4):
-                    j: tl.constexpr = 4 * u + i
-                    kk = kbase + j * C + cols
-                    xj = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-                    v = _byte_f32(qd, i, POS, USE_ASM)
-                    t += v * xj[None, :]
+                    kk = kbase + (4 * u + i) * C + cols
+                    if EVEN_K:
+                        xj = tl.load(x_row + kk).to(tl.float32)
+                    else:
+                        xj = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+                    t += _byte_f32(qd, i, POS, USE_ASM) * xj[None, :]
                     xs += xj
-                    if (j + 1) % JG == 0:
-                        g = tl.minimum((kbase + (j + 1 - JG) * C) // G, NG - 1)
-                        sc = tl.load(s_ptr + g * N + rows, mask=rmask, other=0.0).to(tl.float32)
-                        zp = tl.load(z_ptr + g * N + rows, mask=rmask, other=0).to(tl.float32)
-                        acc += t * (sc * MULT)[:, None]
-                        corr += (sc * (zp + OFF)) * tl.sum(xs, axis=0)
-                        t = tl.zeros([BN, C], dtype=tl.float32)
-                        xs = tl.zeros([C], dtype=tl.float32)
+                if (u + 1) % QG == 0:
+                    g = tl.minimum((kbase + (u + 1 - QG) * 4 * C) // G, NG - 1)
+                    sc = tl.load(s_ptr + g * N + rows, mask=rmask, other=0.0).to(tl.float32)
+                    zp = tl.load(z_ptr + g * N + rows, mask=rmask, other=0).to(tl.float32)
+                    acc += t * (sc * MULT)[:, None]
+                    corr += (sc * (zp + OFF)) * tl.sum(xs, axis=0)
+                    t = tl.zeros([BN, C], dtype=tl.float32)
+                    xs = tl.zeros([C], dtype=tl.float32)
         part = tl.sum(acc, axis=1) - corr
         offs = pid_m * N + rows
         if SPLIT == 1:
@@ -428,7 +431,7 @@ def _launch(x: torch.Tensor, w: TritonWeight, path: int = 0, bn: int | None = No
         _gemv_kernel[(m, -(-n // bn), split)](
             x, w.qweight, w.scale, w.zero, out, ws, w.counters,
             m, n, k, w.group_size, ng, nb, bps,
-            BITS=w.bits, C=w.c, JG=jg, BN=bn, SPLIT=split, USE_ASM=use_asm,
+            BITS=w.bits, C=w.c, JG=jg, BN=bn, SPLIT=split, USE_ASM=use_asm, EVEN_K=w.kp == k,
             PB0=planes[0], PB1=planes[1], PB2=planes[2],
             num_warps=4,
         )
