@@ -111,7 +111,8 @@ def quantize(
     windows = None
     t = time.perf_counter()
     if method == "gptq":
-        windows = windows_from_source(calib, m, tok, n=calib_samples, seq_len=seq_len, seed=seed, device=device)
+        windows = windows_from_source(calib, m, tok, n=calib_samples, seq_len=seq_len, seed=seed, device=device,
+                                      progress=progress)
     t_calib = time.perf_counter() - t
     res = quantize_model(m, spec, method=method, windows=windows, clip=clip, device=device, progress=progress)
     report = build_report(m, path, res.plan, spec, method=method, calib=calib, calib_samples=calib_samples,

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -94,7 +95,9 @@ def embedded_default_dir() -> Path:
     dest = cache_dir() / "models" / EMBEDDED_NAME
     if (dest / "config.json").is_file():
         return dest
-    return _convert_gguf(_embedded_gguf(), dest)
+    gguf_path = _embedded_gguf()
+    print(f"slq: converting the embedded {EMBEDDED_NAME} once to {dest} (about a minute)", file=sys.stderr)
+    return _convert_gguf(gguf_path, dest)
 
 
 def resolve_model(source: str | os.PathLike | None) -> Path:

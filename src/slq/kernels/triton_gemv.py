@@ -180,18 +180,33 @@ def repack(
 if triton is not None:
 
     @triton.jit
+    def _prmt(q, SEL: tl.constexpr):
+        """PRMT with 0x3F000000 as the second source; SEL an immediate (a register costs a MOV)."""
+        A: tl.constexpr = "{ .reg .b32 m; mov.b32 m, 0x3F000000; prmt.b32 $0, $1, m, "
+        if SEL == 0x7044:
+            r = tl.inline_asm_elementwise(A + "0x7044; }", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+        elif SEL == 0x7144:
+            r = tl.inline_asm_elementwise(A + "0x7144; }", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+        elif SEL == 0x7244:
+            r = tl.inline_asm_elementwise(A + "0x7244; }", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+        elif SEL == 0x7344:
+            r = tl.inline_asm_elementwise(A + "0x7344; }", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+        elif SEL == 0x7404:
+            r = tl.inline_asm_elementwise(A + "0x7404; }", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+        elif SEL == 0x7414:
+            r = tl.inline_asm_elementwise(A + "0x7414; }", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+        elif SEL == 0x7424:
+            r = tl.inline_asm_elementwise(A + "0x7424; }", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            r = tl.inline_asm_elementwise(A + "0x7434; }", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+        return r
+
+    @triton.jit
     def _byte_f32(q, I: tl.constexpr, POS: tl.constexpr, USE_ASM: tl.constexpr):
         """Byte I of q as fp32 0.5 + byte * 2^(8*POS - 24) (byte < 128 when POS == 2)."""
         if USE_ASM:
-            SEL: tl.constexpr = (7 << 12) | ((I << 8) if POS == 2 else (4 << 8)) | ((I << 4) if POS == 1 else (4 << 4)) | 4
-            r = tl.inline_asm_elementwise(
-                "{ .reg .b32 m; mov.b32 m, 0x3F000000; prmt.b32 $0, $1, m, $2; }",
-                "=r,r,r",
-                [q, tl.full(q.shape, SEL, tl.int32)],
-                dtype=tl.int32,
-                is_pure=True,
-                pack=1,
-            )
+            SEL: tl.constexpr = (0x7044 | (I << 8)) if POS == 2 else (0x7404 | (I << 4))
+            r = _prmt(q, SEL)
         else:
             SH: tl.constexpr = 8 * (I - POS)
             if SH > 0:
@@ -218,6 +233,25 @@ if triton is not None:
             return w & (M << SP)
 
     @triton.jit
+    def _load_rows(ptrs, mask, EVEN_N: tl.constexpr):
+        if EVEN_N:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=mask, other=0)
+
+    @triton.jit
+    def _group(kb, u, G, NG, C: tl.constexpr, GPB: tl.constexpr, EVEN_K: tl.constexpr):
+        """Scale group of quad u of block kb; GPB = groups per block (0: a group spans blocks)."""
+        if GPB > 0:
+            GC: tl.constexpr = 32 * C // GPB
+            g = kb * GPB + (4 * C * u) // GC
+        else:
+            g = (kb * (32 * C)) // G
+        if not EVEN_K:
+            g = tl.minimum(g, NG - 1)
+        return g
+
+    @triton.jit
     def _fixup(part, ws_ptr, cnt_ptr, out_ptr, offs, mask, tile, pid_s, SPLIT: tl.constexpr, TILE_ELEMS):
         """Split-K: store the fp32 partial; the last program of a tile sums all, in order."""
         tl.store(ws_ptr + pid_s * TILE_ELEMS + offs, part, mask=mask)
@@ -235,7 +269,8 @@ if triton is not None:
         x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
         M, N, K, G, NG, NB, BLOCKS_PER_SPLIT,
         BITS: tl.constexpr, C: tl.constexpr, JG: tl.constexpr, BN: tl.constexpr,
-        SPLIT: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
+        SPLIT: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+        GPB: tl.constexpr,
         PB0: tl.constexpr, PB1: tl.constexpr, PB2: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -262,45 +297,48 @@ if triton is not None:
         x_row = x_ptr + pid_m.to(tl.int64) * K
 
         acc = tl.zeros([BN, C], dtype=tl.float32)
-        corr = tl.zeros([BN], dtype=tl.float32)
-        t = tl.zeros([BN, C], dtype=tl.float32)
-        xs = tl.zeros([C], dtype=tl.float32)
         QG: tl.constexpr = JG // 4  # quads per scale chunk
         kb0 = pid_s * BLOCKS_PER_SPLIT
         kb1 = tl.minimum(kb0 + BLOCKS_PER_SPLIT, NB)
-        # runtime loop over (block, slot of the widest plane); F0 quads per slot unrolled
-        for it in range(kb0 * PB0, kb1 * PB0):
-            kb = it // PB0
-            a = it % PB0
+        for kb in range(kb0, kb1):
             wb = w_row + kb * (BITS * C)
-            kbase = kb * (32 * C)
-            w0 = tl.load(wb + a * C, mask=wmask, other=0)
-            for f in tl.static_range(F0):
-                u = a * F0 + f
-                qd = _field(w0, PB0, f, 0)
+            xb = x_row + kb * (32 * C) + cols
+            t = tl.zeros([BN, C], dtype=tl.float32)
+            xs = tl.zeros([C], dtype=tl.float32)
+            for u in tl.static_range(8):
+                if u % F0 == 0:
+                    w0 = _load_rows(wb + (u // F0) * C, wmask, EVEN_N)
+                qd = _field(w0, PB0, u % F0, 0)
                 if PB1 > 0:
-                    w1 = tl.load(wb + (O1 + u // F1) * C, mask=wmask, other=0)
-                    qd = qd | (((w1 >> (PB1 * (u % F1))) & (((1 << PB1) - 1) * 0x01010101)) << S1)
+                    if u % F1 == 0:
+                        w1 = _load_rows(wb + (O1 + u // F1) * C, wmask, EVEN_N)
+                    qd = qd | _field(w1, PB1, u % F1, S1)
                 if PB2 > 0:
-                    w2 = tl.load(wb + (O2 + u // F2) * C, mask=wmask, other=0)
-                    qd = qd | (((w2 >> (PB2 * (u % F2))) & (((1 << PB2) - 1) * 0x01010101)) << S2)
+                    if u % F2 == 0:
+                        w2 = _load_rows(wb + (O2 + u // F2) * C, wmask, EVEN_N)
+                    qd = qd | _field(w2, PB2, u % F2, S2)
                 for i in tl.static_range(4):
-                    kk = kbase + (4 * u + i) * C + cols
                     if EVEN_K:
-                        xj = tl.load(x_row + kk).to(tl.float32)
+                        xj = tl.load(xb + (4 * u + i) * C).to(tl.float32)
                     else:
-                        xj = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+                        kk = kb * (32 * C) + (4 * u + i) * C + cols
+                        xj = tl.load(xb + (4 * u + i) * C, mask=kk < K, other=0.0).to(tl.float32)
                     t += _byte_f32(qd, i, POS, USE_ASM) * xj[None, :]
                     xs += xj
                 if (u + 1) % QG == 0:
-                    g = tl.minimum((kbase + (u + 1 - QG) * 4 * C) // G, NG - 1)
-                    sc = tl.load(s_ptr + g * N + rows, mask=rmask, other=0.0).to(tl.float32)
-                    zp = tl.load(z_ptr + g * N + rows, mask=rmask, other=0).to(tl.float32)
-                    acc += t * (sc * MULT)[:, None]
-                    corr += (sc * (zp + OFF)) * tl.sum(xs, axis=0)
+                    g = _group(kb, u + 1 - QG, G, NG, C, GPB, EVEN_K)
+                    if EVEN_N:
+                        sc = tl.load(s_ptr + g * N + rows).to(tl.float32)
+                        zp = tl.load(z_ptr + g * N + rows).to(tl.float32)
+                    else:
+                        sc = tl.load(s_ptr + g * N + rows, mask=rmask, other=0.0).to(tl.float32)
+                        zp = tl.load(z_ptr + g * N + rows, mask=rmask, other=0).to(tl.float32)
+                    # sum (q - z) x = MULT * t - (OFF + z) * sum x; the second term spread over C
+                    xsum = tl.sum(xs, axis=0) * (1.0 / C)
+                    acc += t * (sc * MULT)[:, None] - (sc * (zp + OFF) * xsum)[:, None]
                     t = tl.zeros([BN, C], dtype=tl.float32)
                     xs = tl.zeros([C], dtype=tl.float32)
-        part = tl.sum(acc, axis=1) - corr
+        part = tl.sum(acc, axis=1)
         offs = pid_m * N + rows
         if SPLIT == 1:
             tl.store(out_ptr + offs, part.to(out_ptr.dtype.element_ty), mask=rmask)
@@ -312,7 +350,8 @@ if triton is not None:
         x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
         M, N, K, G, NG, NB, BLOCKS_PER_SPLIT,
         BITS: tl.constexpr, C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-        SPLIT: tl.constexpr, USE_ASM: tl.constexpr,
+        SPLIT: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+        GPB: tl.constexpr,
         PB0: tl.constexpr, PB1: tl.constexpr, PB2: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -351,17 +390,17 @@ if triton is not None:
             kbase = kb * (32 * C)
             for u in tl.static_range(8):
                 if u % F0 == 0:
-                    w0 = tl.load(wb + (u // F0) * C, mask=wmask, other=0)
+                    w0 = _load_rows(wb + (u // F0) * C, wmask, EVEN_N)
                 qd = _field(w0, PB0, u % F0, 0)
                 if PB1 > 0:
                     if u % F1 == 0:
-                        w1 = tl.load(wb + (O1 + u // F1) * C, mask=wmask, other=0)
+                        w1 = _load_rows(wb + (O1 + u // F1) * C, wmask, EVEN_N)
                     qd = qd | _field(w1, PB1, u % F1, S1)
                 if PB2 > 0:
                     if u % F2 == 0:
-                        w2 = tl.load(wb + (O2 + u // F2) * C, mask=wmask, other=0)
+                        w2 = _load_rows(wb + (O2 + u // F2) * C, wmask, EVEN_N)
                     qd = qd | _field(w2, PB2, u % F2, S2)
-                g = tl.minimum((kbase + 4 * u * C) // G, NG - 1)
+                g = _group(kb, u, G, NG, C, GPB, EVEN_K)
                 sc = tl.load(s_ptr + g * N + rows, mask=rmask, other=0.0).to(tl.float32)
                 zo = tl.load(z_ptr + g * N + rows, mask=rmask, other=0).to(tl.float32) + OFF
                 # exact integers q - z (|q - z| <= 255: exact in fp16 and bf16)
@@ -393,6 +432,11 @@ def _num_sms(index: int) -> int:
     if index < 0:
         return 8
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _gpb(w: TritonWeight) -> int:
+    """Scale groups per K block, 0 when one group spans several blocks (or per-channel)."""
+    return 32 * w.c // w.group_size if w.group_size <= 32 * w.c and w.group_size != w.k else 0
 
 
 def _split(tiles: int, nb: int, sms: int, waves: float) -> tuple[int, int]:
@@ -432,6 +476,7 @@ def _launch(x: torch.Tensor, w: TritonWeight, path: int = 0, bn: int | None = No
             x, w.qweight, w.scale, w.zero, out, ws, w.counters,
             m, n, k, w.group_size, ng, nb, bps,
             BITS=w.bits, C=w.c, JG=jg, BN=bn, SPLIT=split, USE_ASM=use_asm, EVEN_K=w.kp == k,
+            EVEN_N=n % bn == 0, GPB=_gpb(w),
             PB0=planes[0], PB1=planes[1], PB2=planes[2],
             num_warps=4,
         )
@@ -446,7 +491,8 @@ def _launch(x: torch.Tensor, w: TritonWeight, path: int = 0, bn: int | None = No
         _tiled_kernel[(mt, nt, split)](
             x, w.qweight, w.scale, w.zero, out, ws, w.counters,
             m, n, k, w.group_size, ng, nb, bps,
-            BITS=w.bits, C=w.c, BM=bm, BN=bn, SPLIT=split, USE_ASM=use_asm,
+            BITS=w.bits, C=w.c, BM=bm, BN=bn, SPLIT=split, USE_ASM=use_asm, EVEN_K=w.kp == k,
+            EVEN_N=n % bn == 0, GPB=_gpb(w),
             PB0=planes[0], PB1=planes[1], PB2=planes[2],
             num_warps=4,
         )
