@@ -14,6 +14,10 @@ STORIES = SHARED / "models" / "stories260K"
 TINY_TEXT = SHARED / "data" / "calib" / "tiny.utf8"
 WIKI_TEST = SHARED / "data" / "wikitext2" / "wiki.test.raw"
 
+# The test models are tiny: one thread avoids OpenMP spin-waiting on a busy 2-core machine
+# (seen here: a 0.3 s sampling test took 31 s with 2 threads under load).
+torch.set_num_threads(int(os.environ.get("SLQ_TEST_THREADS", "1")))
+
 
 def need(path: Path) -> Path:
     if not path.exists():
