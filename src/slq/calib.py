@@ -102,7 +102,8 @@ def collect_hessians(layer: nn.Module, batches: list[Batch], names: list[str]) -
         for h in hs:
             h.remove()
     alive.clear()
-    accs = {n: HessianAccumulator(linears[n].in_features, device="cpu") for n in set(owner.values())}
+    dev = linears[names[0]].weight.device  # Hessians live where the layer runs
+    accs = {n: HessianAccumulator(linears[n].in_features, device=dev) for n in set(owner.values())}
 
     def add(name):
         def f(_m, args):

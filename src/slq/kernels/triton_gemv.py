@@ -114,12 +114,12 @@ class TritonWeight:
 
 
 def _choose_c(k: int, g: int) -> tuple[int, int]:
-    """Units per block C and the padded K: C <= 32, C <= G/8 (>= 8 positions per scale
-    chunk), C | K/32 when possible; C >= 4 (16-byte loads, a 16-deep dot per quad)."""
-    cap = 32 if g >= k else max(4, min(32, g // 8))
-    c = cap
-    while c > 4 and (k % (32 * c)):
-        c //= 2
+    """Units per block C (a K block holds 32*C inputs) and K padded to a multiple of 32*C.
+
+    C = 4: a program's threads each own one unit of several rows, so a scale group
+    (G >= 128) is 32 positions of one unit and the per-row scale/zero work is paid once per
+    32 weights; smaller groups fold every G/4 positions."""
+    c = 4
     kp = -(-k // (32 * c)) * (32 * c)
     return c, kp
 
@@ -180,33 +180,35 @@ def repack(
 if triton is not None:
 
     @triton.jit
-    def _prmt(q, SEL: tl.constexpr):
-        """PRMT with 0x3F000000 as the second source; SEL an immediate (a register costs a MOV)."""
-        A: tl.constexpr = "{ .reg .b32 m; mov.b32 m, 0x3F000000; prmt.b32 $0, $1, m, "
+    def _prmt(q, magic, SEL: tl.constexpr):
+        """PRMT with `magic` (0x3F000000, passed at run time so that ptxas keeps it in one register
+        and the selector becomes the immediate: no MOV per PRMT) as the second source."""
+        A: tl.constexpr = "prmt.b32 $0, $1, $2, "
+        m = tl.full(q.shape, 0, tl.int32) + magic
         if SEL == 0x7044:
-            r = tl.inline_asm_elementwise(A + "0x7044; }", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+            r = tl.inline_asm_elementwise(A + "0x7044;", "=r,r,r", [q, m], dtype=tl.int32, is_pure=True, pack=1)
         elif SEL == 0x7144:
-            r = tl.inline_asm_elementwise(A + "0x7144; }", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+            r = tl.inline_asm_elementwise(A + "0x7144;", "=r,r,r", [q, m], dtype=tl.int32, is_pure=True, pack=1)
         elif SEL == 0x7244:
-            r = tl.inline_asm_elementwise(A + "0x7244; }", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+            r = tl.inline_asm_elementwise(A + "0x7244;", "=r,r,r", [q, m], dtype=tl.int32, is_pure=True, pack=1)
         elif SEL == 0x7344:
-            r = tl.inline_asm_elementwise(A + "0x7344; }", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+            r = tl.inline_asm_elementwise(A + "0x7344;", "=r,r,r", [q, m], dtype=tl.int32, is_pure=True, pack=1)
         elif SEL == 0x7404:
-            r = tl.inline_asm_elementwise(A + "0x7404; }", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+            r = tl.inline_asm_elementwise(A + "0x7404;", "=r,r,r", [q, m], dtype=tl.int32, is_pure=True, pack=1)
         elif SEL == 0x7414:
-            r = tl.inline_asm_elementwise(A + "0x7414; }", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+            r = tl.inline_asm_elementwise(A + "0x7414;", "=r,r,r", [q, m], dtype=tl.int32, is_pure=True, pack=1)
         elif SEL == 0x7424:
-            r = tl.inline_asm_elementwise(A + "0x7424; }", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+            r = tl.inline_asm_elementwise(A + "0x7424;", "=r,r,r", [q, m], dtype=tl.int32, is_pure=True, pack=1)
         else:
-            r = tl.inline_asm_elementwise(A + "0x7434; }", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+            r = tl.inline_asm_elementwise(A + "0x7434;", "=r,r,r", [q, m], dtype=tl.int32, is_pure=True, pack=1)
         return r
 
     @triton.jit
-    def _byte_f32(q, I: tl.constexpr, POS: tl.constexpr, USE_ASM: tl.constexpr):
+    def _byte_f32(q, magic, I: tl.constexpr, POS: tl.constexpr, USE_ASM: tl.constexpr):
         """Byte I of q as fp32 0.5 + byte * 2^(8*POS - 24) (byte < 128 when POS == 2)."""
         if USE_ASM:
             SEL: tl.constexpr = (0x7044 | (I << 8)) if POS == 2 else (0x7404 | (I << 4))
-            r = _prmt(q, SEL)
+            r = _prmt(q, magic, SEL)
         else:
             SH: tl.constexpr = 8 * (I - POS)
             if SH > 0:
@@ -221,16 +223,17 @@ if triton is not None:
     @triton.jit
     def _field(w, PB: tl.constexpr, F: tl.constexpr, SP: tl.constexpr):
         """Plane bits of one quad (field F of a PB-bit word) moved to code bit SP of each byte."""
-        if PB == 8:
-            return w
-        M: tl.constexpr = ((1 << PB) - 1) * 0x01010101
+        M: tl.constexpr = (((1 << PB) - 1) * 0x01010101) if PB < 8 else 0
         SH: tl.constexpr = PB * F - SP
-        if SH > 0:
-            return (w >> SH) & (M << SP)
+        if PB == 8:
+            r = w
+        elif SH > 0:
+            r = (w >> SH) & (M << SP)
         elif SH < 0:
-            return (w << (-SH)) & (M << SP)
+            r = (w << (-SH)) & (M << SP)
         else:
-            return w & (M << SP)
+            r = w & (M << SP)
+        return r
 
     @triton.jit
     def _load_rows(ptrs, mask, EVEN_N: tl.constexpr):
@@ -252,7 +255,7 @@ if triton is not None:
         return g
 
     @triton.jit
-    def _fixup(part, ws_ptr, cnt_ptr, out_ptr, offs, mask, tile, pid_s, SPLIT: tl.constexpr, TILE_ELEMS):
+    def _fixup(part, ws_ptr, cnt_ptr, out_ptr, offs, mask, tile, pid_s, SPLIT, TILE_ELEMS):
         """Split-K: store the fp32 partial; the last program of a tile sums all, in order."""
         tl.store(ws_ptr + pid_s * TILE_ELEMS + offs, part, mask=mask)
         tl.debug_barrier()
@@ -267,9 +270,9 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
-        M, N, K, G, NG, NB, BLOCKS_PER_SPLIT,
+        M, N, K, G, NG, NB, BLOCKS_PER_SPLIT, SPLIT, MAGIC,
         BITS: tl.constexpr, C: tl.constexpr, JG: tl.constexpr, BN: tl.constexpr,
-        SPLIT: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+        HAS_SPLIT: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
         GPB: tl.constexpr,
         PB0: tl.constexpr, PB1: tl.constexpr, PB2: tl.constexpr,
     ):
@@ -302,9 +305,9 @@ if triton is not None:
         kb1 = tl.minimum(kb0 + BLOCKS_PER_SPLIT, NB)
         for kb in range(kb0, kb1):
             wb = w_row + kb * (BITS * C)
-            xb = x_row + kb * (32 * C) + cols
+            xb = x_row + kb * (32 * C) + cols[None, :]
             t = tl.zeros([BN, C], dtype=tl.float32)
-            xs = tl.zeros([C], dtype=tl.float32)
+            xs = tl.zeros([1, C], dtype=tl.float32)
             for u in tl.static_range(8):
                 if u % F0 == 0:
                     w0 = _load_rows(wb + (u // F0) * C, wmask, EVEN_N)
@@ -321,9 +324,9 @@ if triton is not None:
                     if EVEN_K:
                         xj = tl.load(xb + (4 * u + i) * C).to(tl.float32)
                     else:
-                        kk = kb * (32 * C) + (4 * u + i) * C + cols
+                        kk = kb * (32 * C) + (4 * u + i) * C + cols[None, :]
                         xj = tl.load(xb + (4 * u + i) * C, mask=kk < K, other=0.0).to(tl.float32)
-                    t += _byte_f32(qd, i, POS, USE_ASM) * xj[None, :]
+                    t += _byte_f32(qd, MAGIC, i, POS, USE_ASM) * xj
                     xs += xj
                 if (u + 1) % QG == 0:
                     g = _group(kb, u + 1 - QG, G, NG, C, GPB, EVEN_K)
@@ -333,14 +336,16 @@ if triton is not None:
                     else:
                         sc = tl.load(s_ptr + g * N + rows, mask=rmask, other=0.0).to(tl.float32)
                         zp = tl.load(z_ptr + g * N + rows, mask=rmask, other=0).to(tl.float32)
+                    sa = (sc * MULT)[:, None]
+                    sb = (sc * (zp + OFF))[:, None]
                     # sum (q - z) x = MULT * t - (OFF + z) * sum x; the second term spread over C
-                    xsum = tl.sum(xs, axis=0) * (1.0 / C)
-                    acc += t * (sc * MULT)[:, None] - (sc * (zp + OFF) * xsum)[:, None]
+                    xsum = tl.sum(tl.sum(xs, axis=1), axis=0) * (1.0 / C)
+                    acc += t * sa - sb * xsum
                     t = tl.zeros([BN, C], dtype=tl.float32)
-                    xs = tl.zeros([C], dtype=tl.float32)
+                    xs = tl.zeros([1, C], dtype=tl.float32)
         part = tl.sum(acc, axis=1)
         offs = pid_m * N + rows
-        if SPLIT == 1:
+        if not HAS_SPLIT:
             tl.store(out_ptr + offs, part.to(out_ptr.dtype.element_ty), mask=rmask)
         else:
             _fixup(part, ws_ptr, cnt_ptr, out_ptr, offs, rmask, pid_n * M + pid_m, pid_s, SPLIT, M * N)
@@ -348,9 +353,9 @@ if triton is not None:
     @triton.jit
     def _tiled_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
-        M, N, K, G, NG, NB, BLOCKS_PER_SPLIT,
+        M, N, K, G, NG, NB, BLOCKS_PER_SPLIT, SPLIT, MAGIC,
         BITS: tl.constexpr, C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-        SPLIT: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+        HAS_SPLIT: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
         GPB: tl.constexpr,
         PB0: tl.constexpr, PB1: tl.constexpr, PB2: tl.constexpr,
     ):
@@ -404,10 +409,10 @@ if triton is not None:
                 sc = tl.load(s_ptr + g * N + rows, mask=rmask, other=0.0).to(tl.float32)
                 zo = tl.load(z_ptr + g * N + rows, mask=rmask, other=0).to(tl.float32) + OFF
                 # exact integers q - z (|q - z| <= 255: exact in fp16 and bf16)
-                d0 = (_byte_f32(qd, 0, POS, USE_ASM) * MULT - zo[:, None]).to(DT)
-                d1 = (_byte_f32(qd, 1, POS, USE_ASM) * MULT - zo[:, None]).to(DT)
-                d2 = (_byte_f32(qd, 2, POS, USE_ASM) * MULT - zo[:, None]).to(DT)
-                d3 = (_byte_f32(qd, 3, POS, USE_ASM) * MULT - zo[:, None]).to(DT)
+                d0 = (_byte_f32(qd, MAGIC, 0, POS, USE_ASM) * MULT - zo[:, None]).to(DT)
+                d1 = (_byte_f32(qd, MAGIC, 1, POS, USE_ASM) * MULT - zo[:, None]).to(DT)
+                d2 = (_byte_f32(qd, MAGIC, 2, POS, USE_ASM) * MULT - zo[:, None]).to(DT)
+                d3 = (_byte_f32(qd, MAGIC, 3, POS, USE_ASM) * MULT - zo[:, None]).to(DT)
                 wq = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), [BN, 4 * C])
                 kk = kbase + 4 * u * C + xoff
                 xt = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & (kk < K)[None, :], other=0.0)
@@ -418,7 +423,7 @@ if triton is not None:
                 acc += part * sc[None, :]
         offs = ms[:, None] * N + rows[None, :]
         omask = mmask[:, None] & rmask[None, :]
-        if SPLIT == 1:
+        if not HAS_SPLIT:
             tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
         else:
             _fixup(acc, ws_ptr, cnt_ptr, out_ptr, offs, omask, pid_n * tl.num_programs(0) + pid_m, pid_s, SPLIT, M * N)
@@ -465,7 +470,7 @@ def _launch(x: torch.Tensor, w: TritonWeight, path: int = 0, bn: int | None = No
     if gemv:
         # 4 warps; a thread holds 4 units (16 bytes) of a row, C/4 threads span a slot,
         # so a layout tile is 512/C rows: BN gives each thread 2..4 rows sharing one x load
-        bn = bn or (64 if w.c >= 16 else 128)
+        bn = bn or 256
         tiles = -(-n // bn) * m
         split, bps = _split(tiles, nb, sms, waves or 4.0) if split is None else (split, -(-nb // split))
         if tiles > max_tiles:
@@ -474,8 +479,8 @@ def _launch(x: torch.Tensor, w: TritonWeight, path: int = 0, bn: int | None = No
         jg = min(32, w.group_size // w.c)
         _gemv_kernel[(m, -(-n // bn), split)](
             x, w.qweight, w.scale, w.zero, out, ws, w.counters,
-            m, n, k, w.group_size, ng, nb, bps,
-            BITS=w.bits, C=w.c, JG=jg, BN=bn, SPLIT=split, USE_ASM=use_asm, EVEN_K=w.kp == k,
+            m, n, k, w.group_size, ng, nb, bps, split, 0x3F000000,
+            BITS=w.bits, C=w.c, JG=jg, BN=bn, HAS_SPLIT=split > 1, USE_ASM=use_asm, EVEN_K=w.kp == k,
             EVEN_N=n % bn == 0, GPB=_gpb(w),
             PB0=planes[0], PB1=planes[1], PB2=planes[2],
             num_warps=4,
@@ -490,8 +495,8 @@ def _launch(x: torch.Tensor, w: TritonWeight, path: int = 0, bn: int | None = No
         ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x.device)
         _tiled_kernel[(mt, nt, split)](
             x, w.qweight, w.scale, w.zero, out, ws, w.counters,
-            m, n, k, w.group_size, ng, nb, bps,
-            BITS=w.bits, C=w.c, BM=bm, BN=bn, SPLIT=split, USE_ASM=use_asm, EVEN_K=w.kp == k,
+            m, n, k, w.group_size, ng, nb, bps, split, 0x3F000000,
+            BITS=w.bits, C=w.c, BM=bm, BN=bn, HAS_SPLIT=split > 1, USE_ASM=use_asm, EVEN_K=w.kp == k,
             EVEN_N=n % bn == 0, GPB=_gpb(w),
             PB0=planes[0], PB1=planes[1], PB2=planes[2],
             num_warps=4,
