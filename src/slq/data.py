@@ -88,7 +88,7 @@ def token_windows(tokenizer, text: str, seq_len: int, n: int | None = None, skip
 
 @torch.no_grad()
 def generated_windows(
-    model, tokenizer, n: int, seq_len: int, *, seed: int = 0, batch_size: int = 16, device: str = "cpu",
+    model, tokenizer, n: int, seq_len: int, *, seed: int = 0, batch_size: int = 32, device: str = "cpu",
     progress: bool = False,
 ) -> torch.Tensor:
     """n sequences of seq_len tokens sampled from the model at temperature 1 (no top-k/p),

@@ -472,7 +472,7 @@ def _launch(x: torch.Tensor, w: TritonWeight, path: int = 0, bn: int | None = No
         # so a layout tile is 512/C rows: BN gives each thread 2..4 rows sharing one x load
         bn = bn or 256
         tiles = -(-n // bn) * m
-        split, bps = _split(tiles, nb, sms, waves or 4.0) if split is None else (split, -(-nb // split))
+        split, bps = _split(tiles, nb, sms, waves or 2.0) if split is None else (split, -(-nb // split))
         if tiles > max_tiles:
             split, bps = 1, nb
         ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x.device)
