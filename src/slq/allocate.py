@@ -25,12 +25,15 @@ fallback and the cross-check). The reduction, exact for both problems:
 
 Tie-breaking is deterministic. Per unit, the frontier keeps the smaller size among equal
 costs, the lower cost among equal sizes, and the lower index among exact duplicates
-("fewer bits at equal cost"). Across units, ``minimize_bits`` is lexicographic exactly
-(least size, then least cost: the ILP objective is ``d + cost / (2 * cost range)`` with
-integer ``d``; the DP keeps the least cost per size). ``minimize_loss`` takes the least
-cost and, among allocations within ``1e-12`` (relative) of it, the smallest size: the DP
-scans the size axis; the ILP solves once more for the least size at that cost, keeping
-the first answer when the second is not better.
+("fewer bits at equal cost"). Across units both problems are lexicographic:
+``minimize_loss`` returns the least cost and, among allocations within the slack ``tol``
+of it, the least size; ``minimize_bits`` the least size and, at that size, the least
+cost. The DP reads both off its table (the least cost for each exact size); the ILP
+solves twice (the primary problem, then the secondary objective with the primary
+value as a constraint) and keeps the first answer unless the second is strictly better.
+HiGHS runs with both MIP gaps at 0, the cost rows and objectives scaled by the largest
+reduced cost; its answers are re-checked in exact integer / ``fsum`` arithmetic and the
+bound is tightened and the ILP re-solved when its feasibility tolerance overshot.
 
 Totals are recomputed from the inputs (``math.fsum`` in unit order), so both solvers
 report identical numbers for identical choices. The loss bound ``L`` is met up to the
@@ -75,7 +78,7 @@ class Allocation:
     seconds: float = 0.0
 
 
-class _SolverFailed(Exception):
+class _SolverFailed(SlqError):
     """HiGHS gave no usable answer; :func:`allocate` falls back to the DP on this."""
 
 
@@ -111,10 +114,7 @@ def _check(costs: Costs, sizes: Sizes) -> tuple[list[np.ndarray], list[np.ndarra
             raise SlqError(f"unit {i}: costs must be finite or +inf (forbidden), got {c.tolist()}")
         if not np.isfinite(c).any():
             raise SlqError(f"unit {i}: every choice is forbidden (cost +inf)")
-        if s.dtype.kind == "f":
-            if not (np.isfinite(s).all() and (s == np.round(s)).all()):
-                raise SlqError(f"unit {i}: sizes must be integers (storage bits), got {s.tolist()}")
-        elif s.dtype.kind not in "iu":
+        if s.dtype.kind not in "iuf" or (s.dtype.kind == "f" and not (np.isfinite(s) & (s == np.round(s))).all()):
             raise SlqError(f"unit {i}: sizes must be integers (storage bits), got {s.tolist()}")
         s = s.astype(np.int64)
         if (s < 0).any():
@@ -188,6 +188,9 @@ def _original(r: _Reduced, local: Sequence[int]) -> list[int]:
 
 
 def _prepare_loss(costs, sizes, budget, n_params):
+    if not math.isfinite(budget):
+        raise SlqError(f"the budget must be a finite number of bits, got {budget}")
+    budget = math.floor(budget)  # a float budget (b * params) rounds down to whole bits
     cs, ss = _check(costs, sizes)
     front = [_frontier(c, s) for c, s in zip(cs, ss)]
     r = _reduce(cs, ss, front)
@@ -219,14 +222,14 @@ def _milp(r: _Reduced, objective: np.ndarray, row: np.ndarray, rhs: float, time_
     nvar = int(counts.sum())
     one_hot = csr_array((np.ones(nvar), (np.repeat(np.arange(n), counts), np.arange(nvar))), shape=(n, nvar))
     constraints = [LinearConstraint(one_hot, 1.0, 1.0), LinearConstraint(row[None, :], -np.inf, rhs)]
-    options = {"mip_rel_gap": 0.0, "presolve": True}
+    # mip_abs_gap is not among milp's documented options; scipy passes it to HiGHS verbatim
+    options = {"mip_rel_gap": 0.0, "mip_abs_gap": 0.0}
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
     with warnings.catch_warnings():
-        # "mip_abs_gap" is not among milp's listed options; scipy passes it to HiGHS verbatim.
         warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
         res = milp(objective, integrality=np.ones(nvar), bounds=Bounds(0, 1), constraints=constraints,
-                   options={**options, "mip_abs_gap": 0.0})
+                   options=options)
     if res.x is None or res.status not in (0, 1):
         raise _SolverFailed(f"HiGHS: {res.message}")
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -239,48 +242,65 @@ def _lift(r: _Reduced, local: list[int]) -> tuple[int, float]:
     return (int(sum(int(d[j]) for d, j in zip(r.d, local))), math.fsum(float(c[j]) for c, j in zip(r.c, local)))
 
 
-def _ilp_loss(r: _Reduced, W: int, time_limit: float | None) -> tuple[list[int], str]:
-    """Least cost within W; then, at that cost (+ tol), the least size."""
+def _unit(r: _Reduced) -> float:
+    """Cost scale for the ILP rows and objectives: the largest shifted cost (1 when all are 0)."""
+    top = max(float(c.max()) for c in r.c)
+    return top if top > 0 else 1.0
+
+
+def _least_cost(r: _Reduced, W: int, time_limit: float | None) -> tuple[list[int], str]:
+    """min sum c x  s.t.  sum d x <= W (integers: checked exactly, tightened on overshoot)."""
     d, c = np.concatenate(r.d).astype(np.float64), np.concatenate(r.c)
-    top = float(c.max())
-    unit = top if top > 0 else 1.0
     rhs = float(W)
-    for _ in range(3):  # HiGHS's feasibility tolerance may overshoot W; tighten and retry
-        local, status = _milp(r, c / unit, d, rhs, time_limit)
-        size, cost = _lift(r, local)
+    for _ in range(3):
+        local, status = _milp(r, c / _unit(r), d, rhs, time_limit)
+        size, _ = _lift(r, local)
         if size <= W:
-            break
+            return local, status
         rhs -= size - W
-    else:
-        raise _SolverFailed("HiGHS kept returning allocations over the budget")
-    if status != "optimal" or size == 0 or top == 0:
-        return local, status
-    # second pass: least size among allocations whose cost is within tol of the optimum
-    try:
-        alt, alt_status = _milp(r, d, c / unit, (cost + r.tol) / unit, time_limit)
-    except _SolverFailed:
-        return local, status
-    alt_size, alt_cost = _lift(r, alt)
-    if alt_status == "optimal" and alt_size < size and alt_cost <= cost + r.tol:
-        return alt, status
+    raise _SolverFailed("HiGHS kept returning allocations over the budget")
+
+
+def _least_size(r: _Reduced, R: float, time_limit: float | None) -> tuple[list[int], str]:
+    """min sum d x  s.t.  sum c x <= R (checked after solving, tightened on overshoot)."""
+    d, c = np.concatenate(r.d).astype(np.float64), np.concatenate(r.c)
+    unit = _unit(r)
+    rhs = R
+    for _ in range(3):
+        local, status = _milp(r, d, c / unit, rhs / unit, time_limit)
+        _, cost = _lift(r, local)
+        if cost <= R:
+            return local, status
+        rhs -= cost - R
+    raise _SolverFailed("HiGHS kept returning allocations over the loss bound")
+
+
+def _ilp_loss(r: _Reduced, W: int, time_limit: float | None) -> tuple[list[int], str]:
+    """Least cost within W; then the least size at that cost (+ tol), if smaller."""
+    local, status = _least_cost(r, W, time_limit)
+    size, cost = _lift(r, local)
+    if status == "optimal" and size > 0:
+        try:
+            alt, alt_status = _least_size(r, cost + r.tol, time_limit)
+        except _SolverFailed:
+            return local, status
+        if alt_status == "optimal" and _lift(r, alt)[0] < size:
+            return alt, status
     return local, status
 
 
 def _ilp_bits(r: _Reduced, R: float, time_limit: float | None) -> tuple[list[int], str]:
-    """Least size with cost <= R (+ tol); among those, the least cost."""
-    d, c = np.concatenate(r.d).astype(np.float64), np.concatenate(r.c)
-    top = float(c.max())
-    unit = top if top > 0 else 1.0
-    # the cost term sums to < 1/2 < 1 <= any size difference: exactly lexicographic
-    objective = d + c / (2.0 * unit * len(r.d))
-    rhs = R + r.tol
-    for _ in range(3):  # HiGHS's feasibility tolerance may overshoot R; tighten and retry
-        local, status = _milp(r, objective, c / unit, rhs / unit, time_limit)
-        _, cost = _lift(r, local)
-        if cost <= R + r.tol:
+    """Least size with cost <= R (+ tol); then the least cost at that size, if lower."""
+    local, status = _least_size(r, R + r.tol, time_limit)
+    size, cost = _lift(r, local)
+    if status == "optimal" and cost > 0:
+        try:
+            alt, alt_status = _least_cost(r, size, time_limit)
+        except _SolverFailed:
             return local, status
-        rhs -= cost - (R + r.tol)
-    raise _SolverFailed("HiGHS kept returning allocations over the loss bound")
+        if alt_status == "optimal" and _lift(r, alt)[1] < cost:
+            return alt, status
+    return local, status
 
 
 def minimize_loss(costs: Costs, sizes: Sizes, budget_bits: int, *, time_limit: float | None = None,
@@ -291,10 +311,7 @@ def minimize_loss(costs: Costs, sizes: Sizes, budget_bits: int, *, time_limit: f
     """
     t0 = time.perf_counter()
     cs, ss, r, W = _prepare_loss(costs, sizes, budget_bits, n_params)
-    try:
-        local, status = _ilp_loss(r, W, time_limit)
-    except _SolverFailed as e:
-        raise SlqError(f"the ILP solver failed: {e}") from e
+    local, status = _ilp_loss(r, W, time_limit)
     return _result(cs, ss, _original(r, local), status, "highs", t0)
 
 
@@ -302,10 +319,7 @@ def minimize_bits(costs: Costs, sizes: Sizes, max_loss: float, *, time_limit: fl
     """Least total size with total cost <= ``max_loss``, by ILP (HiGHS)."""
     t0 = time.perf_counter()
     cs, ss, r, R = _prepare_bits(costs, sizes, max_loss)
-    try:
-        local, status = _ilp_bits(r, R, time_limit)
-    except _SolverFailed as e:
-        raise SlqError(f"the ILP solver failed: {e}") from e
+    local, status = _ilp_bits(r, R, time_limit)
     return _result(cs, ss, _original(r, local), status, "highs", t0)
 
 
@@ -413,33 +427,26 @@ def allocate(costs: Costs, sizes: Sizes, *, budget: int | None = None, max_loss:
     """Solve one of the two knapsacks; give exactly one of ``budget`` (bits) or ``max_loss``.
 
     ``method``: ``"ilp"`` (HiGHS), ``"dp"``, or ``"auto"`` = ILP, falling back to the DP
-    when HiGHS fails or stops at ``time_limit`` seconds without proving optimality.
-    Infeasible problems raise :class:`SlqError` naming the nearest feasible value.
+    when HiGHS fails or stops at ``time_limit`` (seconds per HiGHS call) unproven.
+    Infeasible problems raise :class:`SlqError` naming the nearest feasible value
+    (in bits/param when ``n_params``, the total parameter count, is given).
     """
     if method not in METHODS:
         raise SlqError(f"unknown allocation method {method!r}; choose one of {', '.join(METHODS)}")
     if (budget is None) == (max_loss is None):
         raise SlqError("give exactly one of budget (bits) or max_loss")
     if budget is not None:
-        if method == "dp":
-            return dp_minimize_loss(costs, sizes, budget, n_params=n_params)
-        t0 = time.perf_counter()
-        cs, ss, r, W = _prepare_loss(costs, sizes, budget, n_params)
-        solve_ilp, solve_dp = (lambda: _ilp_loss(r, W, time_limit)), (lambda: dp_minimize_loss(
-            costs, sizes, budget, n_params=n_params))
+        ilp = lambda: minimize_loss(costs, sizes, budget, time_limit=time_limit, n_params=n_params)  # noqa: E731
+        dp = lambda: dp_minimize_loss(costs, sizes, budget, n_params=n_params)  # noqa: E731
     else:
-        if method == "dp":
-            return dp_minimize_bits(costs, sizes, max_loss)
-        t0 = time.perf_counter()
-        cs, ss, r, R = _prepare_bits(costs, sizes, max_loss)
-        solve_ilp, solve_dp = (lambda: _ilp_bits(r, R, time_limit)), (lambda: dp_minimize_bits(
-            costs, sizes, max_loss))
+        ilp = lambda: minimize_bits(costs, sizes, max_loss, time_limit=time_limit)  # noqa: E731
+        dp = lambda: dp_minimize_bits(costs, sizes, max_loss)  # noqa: E731
+    if method == "dp":
+        return dp()
     try:
-        local, status = solve_ilp()
-    except _SolverFailed as e:
+        found = ilp()
+    except _SolverFailed:
         if method == "ilp":
-            raise SlqError(f"the ILP solver failed: {e}") from e
-        return solve_dp()
-    if status != "optimal" and method == "auto":
-        return solve_dp()
-    return _result(cs, ss, _original(r, local), status, "highs", t0)
+            raise
+        return dp()
+    return dp() if method == "auto" and found.status != "optimal" else found
