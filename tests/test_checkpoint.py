@@ -129,3 +129,22 @@ def test_no_pickle_files_written(small_ckpt):
     names = {p.name for p in small_ckpt.iterdir()}
     assert "model.safetensors" in names and "slq_report.json" in names and "tokenizer.json" in names
     assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)
+
+
+def test_layers_kept_unquantized_stay_dense_in_the_checkpoint(stories, tmp_path):
+    model, tok = stories
+    names = list(quantizable_linears(model))
+    keep = {n for n in names if n.endswith("down_proj")}
+    original = {n: model.get_submodule(n).weight.detach().clone() for n in keep}
+    specs = {n: (None if n in keep else QuantSpec(3, 32)) for n in names}
+    res = quantize_model(model, specs=specs, method="rtn", progress=False)
+    assert set(res.qweights) == set(names) - keep and set(res.plan.layers) == set(names) - keep
+    out = save_checkpoint(tmp_path / "k", model, tok, res.qweights, {"plan": res.plan.to_dict()})
+    ours = load(out)
+    for n in keep:
+        assert not isinstance(ours.get_submodule(n), QuantLinear)
+        assert torch.equal(ours.get_submodule(n).weight, original[n])
+    dense = _plain_transformers_load(out)
+    x = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(ours(x).logits, dense(x).logits)

@@ -68,7 +68,8 @@ def quantize_model(
     """Quantize every linear in the decoder layers in place (weights become dequantized).
 
     ``spec`` applies to every layer; ``specs`` (full module name -> spec) overrides it per
-    layer, which is how mixed-bitwidth plans are built. GPTQ needs ``windows``
+    layer, which is how mixed-bitwidth plans are built; a ``None`` value keeps that layer
+    unquantized (the "16-bit" choice of the bit search). GPTQ needs ``windows``
     (LongTensor [n, seq_len] of calibration tokens).
     """
     if method not in METHODS:
@@ -87,7 +88,9 @@ def quantize_model(
 
     plan = Plan()
     for name, lin in linears.items():
-        plan.add(layer_spec(name, lin, specs.get(name, spec), method))
+        s = specs.get(name, spec)
+        if s is not None:
+            plan.add(layer_spec(name, lin, s, method))
     qweights: dict[str, QuantizedWeight] = {}
     t0 = time.perf_counter()
     timings = {"capture_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0, "forward_s": 0.0}
@@ -104,9 +107,9 @@ def quantize_model(
         task = bar.add_task(f"{method.upper()} layers", total=len(layers))
         for i, layer in enumerate(layers):
             rel = layer_linears(layer)
-            names = {f"{prefix}.{i}.{r}": r for r in rel}
+            names = {f"{prefix}.{i}.{r}": r for r in rel if f"{prefix}.{i}.{r}" in plan.layers}
             hessians = {}
-            if method == "gptq":
+            if method == "gptq" and names:
                 t = time.perf_counter()
                 hessians = collect_hessians(layer, batches, list(names.values()))
                 timings["hessian_s"] += time.perf_counter() - t
