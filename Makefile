@@ -29,6 +29,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+bench: install
+	$(BIN)/python bench/quantize_smollm2.py
+
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
