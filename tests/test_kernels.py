@@ -85,7 +85,7 @@ _CPU_SCRIPT = textwrap.dedent(
     codes, scale, zero, g = random_layer(64, 256, 3, 64, gen=gen)
     w = tg.repack(codes, scale, zero, 3, 64)
     x = torch.randn(2, 256, generator=gen).half()
-    args = (x, w.qweight, w.scale, w.zero, w.counters, w.bits, w.group_size, w.n, w.k, w.c, w.kp, 0)
+    args = tg.op_args(x, w)
     res = torch.library.opcheck(torch.ops.slq.quant_matmul.default, args)
     out["opcheck"] = {key: str(val) for key, val in res.items()}
     # torch.compile through the fake implementation (no inductor codegen needed)
@@ -134,20 +134,17 @@ def test_repack_layout_roundtrip():
         n, k = 8, 576
         codes, scale, zero, g = random_layer(n, k, bits, 64, gen=gen)
         w = tg.repack(codes, scale, zero, bits, 64)
-        c, kp = w.c, w.kp
-        words = w.qweight.to(torch.int64) & 0xFFFFFFFF
-        words = words.view(n, kp // (32 * c), bits, c)  # [N, block, slot, unit]
-        got = torch.zeros(n, kp // (32 * c), 32, c, dtype=torch.int64)
+        words = (w.qweight.to(torch.int64) & 0xFFFFFFFF).permute(2, 0, 1)  # [N, block, slot]
+        got = torch.zeros(n, k // 32, 32, dtype=torch.int64)
         slot = 0
         for pb, sp in tg.PLANES[bits]:
             for j in range(32):
                 u, i = divmod(j, 4)
                 a, f = divmod(u, 8 // pb)
-                field = (words[:, :, slot + a, :] >> (8 * i + pb * f)) & ((1 << pb) - 1)
-                got[:, :, j, :] |= field << sp
+                field = (words[:, :, slot + a] >> (8 * i + pb * f)) & ((1 << pb) - 1)
+                got[:, :, j] |= field << sp
             slot += pb
-        # k = block*32C + j*C + c
-        got = got.reshape(n, kp)[:, :k]
+        got = got.reshape(n, k)  # k = block*32 + j
         assert torch.equal(got, codes.to(torch.int64)), bits
         assert w.scale.shape == (k // 64, n) and w.zero.dtype == torch.uint8
 
@@ -163,6 +160,8 @@ def test_import_without_triton_is_safe():
 # --------------------------------------------------------------------------- GPU
 
 gpu = pytest.mark.gpu
+# one xdist worker per bitwidth (pytest -n N --dist loadgroup): each compiles its kernels once
+BITS = [pytest.param(b, marks=pytest.mark.xdist_group(f"bits{b}"), id=f"b{b}") for b in range(2, 9)]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -193,7 +192,7 @@ def _check_triton(n, k, bits, G, ms, dtypes, gen):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("G", [32, 64, 128, 256, None])
 def test_triton_every_bits_group_m(bits, G):
     gen = torch.Generator(device="cuda").manual_seed(100 * bits + (G or 0))
@@ -202,7 +201,7 @@ def test_triton_every_bits_group_m(bits, G):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize(
     "n,k,G",
     [(1536, 576, 64), (576, 1536, 128), (192, 576, None), (4096, 4096, 128), (14336, 4096, 128),
@@ -251,13 +250,13 @@ def test_triton_opcheck_on_gpu():
     w = tg.repack(codes, scale, zero, 5, 128)
     for m in (1, 16):
         x = torch.randn(m, 2048, device="cuda", generator=gen).bfloat16()
-        args = (x, w.qweight, w.scale, w.zero, w.counters, w.bits, w.group_size, w.n, w.k, w.c, w.kp, 0)
+        args = tg.op_args(x, w)
         torch.library.opcheck(torch.ops.slq.quant_matmul.default, args)
 
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("bits", BITS)
 def test_humming_adapter_matches_oracle(bits):
     pytest.importorskip("humming", reason="humming-kernels is not installed")
     from slq.kernels import humming as hm

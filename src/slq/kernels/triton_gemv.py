@@ -7,47 +7,39 @@ Layout built once at load by :func:`repack` (the checkpoint stays kernel-agnosti
 * **Bit planes.** A ``bits``-bit code is split into power-of-two planes, widest first:
   2 = 2, 3 = 2+1, 4 = 4, 5 = 4+1, 6 = 4+2, 7 = 4+2+1, 8 = 8 (plane ``p`` holds bits
   ``[shift_p, shift_p + pb)`` of the code). Storage is exactly ``bits`` bits per weight.
-* **K blocks of 32*C values.** K is cut into blocks of ``32*C`` inputs (``C`` a power of two,
-  4..32, chosen from G and K). Inside a block, input ``k = j*C + c`` (``j`` in 0..31,
-  ``c`` in 0..C-1) goes to *unit* ``c``, *position* ``j``: for a fixed ``j`` the C units
-  cover C consecutive inputs, so the activation slice a kernel needs is contiguous.
-* **Words.** A unit's 32 positions take ``pb`` int32 words per plane ("slots"). Position
-  ``j = 4*u + i`` (quad ``u``, byte ``i``) of slot ``a = u // (8/pb)``, field
-  ``f = u % (8/pb)`` sits at bits ``[8*i + pb*f, 8*i + pb*f + pb)``. So
-  ``(word >> (pb*f)) & 0x..0101 * (2^pb - 1)`` drops the plane bits of four positions into
-  the four *bytes* of a register, and the planes of one code combine with one shift + one
-  LOP3 per four weights (SIMD within a register).
-* **Order in memory.** ``qweight`` int32 ``[N, bits*Kp/32]``; row ``n``, block ``kb``, slot
-  ``s`` (all planes' slots in plane order), unit ``c`` at
-  ``n*bits*Kp/32 + kb*bits*C + s*C + c``: a block of a row is one contiguous run, and the
-  C units of one slot are contiguous (16-byte loads, coalesced across threads).
-* **Scales / zeros** are kept as they come (fp16 scale, uint8 zero: 24 bits per group, the
-  roofline's count), transposed to ``[K/G, N]`` so one group of a row-tile is one load.
-* K is padded to a multiple of ``32*C`` when it must be (only K = 576 among the tested shapes):
-  the padding's activations are masked to zero, so its codes never count.
+* **Blocks of 32 inputs, one word per plane bit.** K is cut into blocks of 32 consecutive inputs.
+  A row's block takes ``pb`` int32 words per plane ("slots", ``bits`` slots in all). Input
+  ``j = 4*u + i`` of the block (quad ``u``, byte ``i``) sits in slot ``a = u // (8/pb)``, field
+  ``f = u % (8/pb)``, at bits ``[8*i + pb*f, 8*i + pb*f + pb)``. So
+  ``(word >> (pb*f)) & 0x01010101 * (2^pb - 1)`` drops the plane bits of four inputs into the
+  four *bytes* of a register, and the planes of a code combine with a shift and a LOP3 per four
+  weights (SIMD within a register).
+* **Rows contiguous.** ``qweight`` is int32 ``[K/32, bits, N]``: for one (block, slot) the words of
+  consecutive rows are adjacent, so a thread loads 4 rows with one 16-byte load, a warp 512
+  contiguous bytes, and the row vectors of scales / zeros (``[K/G, N]``, fp16 / uint8 as they come:
+  24 bits per group, the roofline's count) land in the very same register layout: no shuffles,
+  no shared memory, no barriers in the GEMV.
 
 Decoding without integer->float conversions
 -------------------------------------------
 A byte ``q < 128`` moved into bits 16..23 of ``0x3F000000`` is the fp32 number
-``0.5 + q/256`` (``q < 256`` into bits 8..15: ``0.5 + q/65536`` for 8-bit codes). One PRMT
-(byte permute, inline PTX on GPU; shifts and masks under the interpreter) makes it, one FFMA
-multiplies it with the activation: ``t = sum x*(0.5 + q/256)``, so
-``sum (q - z) * x = 256*t - (128 + z) * sum x``. The scale and zero are applied once per
-group on the [rows, C] partial sums (GEMV), or on the exact integers ``q - z`` (|q - z| <= 255,
-exact in fp16 and bf16) that feed ``tl.dot`` (tiled kernel). Accumulation is fp32 throughout;
-the only rounding beyond fp32 is the final cast to the activation dtype, so the result is
-closer to exact than the oracle's own fp16 weights.
+``0.5 + q/256`` (for 8-bit codes into bits 8..15: ``0.5 + q/65536``). One PRMT (byte permute,
+inline PTX on the GPU; shifts and masks under the interpreter) makes it, one FFMA multiplies it
+with the activation: ``t = sum x*(0.5 + q/256)``, so ``sum (q - z) x = 256 t - (128 + z) sum x``,
+applied once per scale group and row. The tiled kernel feeds ``tl.dot`` the exact integers
+``q - z`` (|q - z| <= 255: exact in fp16 and bf16) and scales the fp32 product per group.
+Accumulation is fp32 throughout; the only rounding beyond fp32 is the final cast to the
+activation dtype, so results are closer to exact than the oracle's own fp16 weights.
 
 Kernels
 -------
-* ``_gemv_kernel`` (M <= 4, one program per (row, row-tile, K split)): CUDA-core dot products,
-  no shared memory; each thread keeps four units of several rows, so one activation load
-  serves all of its rows.
-* ``_tiled_kernel`` (M > 4): the same decode, exact ``q - z`` tiles, ``tl.dot`` (tensor cores)
-  per quad of positions, fp32 scale per group on the product.
+* ``_gemv_kernel`` (M <= 4; grid (M, row tiles, K splits)): CUDA-core dot products, each thread
+  4 rows x 32 inputs per block, the next block's words prefetched while this one computes.
+* ``_tiled_kernel`` (M > 4): the same words shifted into [16 inputs, rows] tiles of exact ``q - z``
+  (integer ops, one select per extra slot), ``tl.dot`` on tensor cores, fp32 scale per group.
 Both split K over programs when the output alone would not fill the GPU; the last program to
-finish a tile (an atomic counter, reset by that program, so CUDA-graph replays stay valid)
-sums the fp32 partials in a fixed order: results are deterministic.
+finish a tile (an atomic counter, reset by that program, so CUDA-graph replays stay valid) sums
+the fp32 partials in a fixed order: results are deterministic.
 """
 
 from __future__ import annotations
@@ -65,7 +57,7 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
     tl = None
 
-__all__ = ["TritonWeight", "available", "repack", "quant_matmul", "PLANES"]
+__all__ = ["PLANES", "TritonWeight", "available", "op_args", "quant_matmul", "repack"]
 
 # bits -> ((plane bits, shift in the code), ...), widest plane first
 PLANES: dict[int, tuple[tuple[int, int], ...]] = {
@@ -98,7 +90,7 @@ def available() -> bool:
 class TritonWeight:
     """A linear layer's weight in the kernel layout (see the module docstring)."""
 
-    qweight: torch.Tensor  # int32 [N, bits * Kp / 32]
+    qweight: torch.Tensor  # int32 [K/32, bits, N]
     scale: torch.Tensor  # fp16 [K/G, N]
     zero: torch.Tensor  # uint8 [K/G, N]
     counters: torch.Tensor  # int32, split-K arrival counters; all zero between calls
@@ -106,22 +98,9 @@ class TritonWeight:
     group_size: int  # G; K for per-channel
     n: int
     k: int
-    c: int  # units per block: a K block holds 32 * c inputs
-    kp: int  # K padded to a multiple of 32 * c
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return quant_matmul(x, self)
-
-
-def _choose_c(k: int, g: int) -> tuple[int, int]:
-    """Units per block C (a K block holds 32*C inputs) and K padded to a multiple of 32*C.
-
-    C = 4: a program's threads each own one unit of several rows, so a scale group
-    (G >= 128) is 32 positions of one unit and the per-row scale/zero work is paid once per
-    32 weights; smaller groups fold every G/4 positions."""
-    c = 4
-    kp = -(-k // (32 * c)) * (32 * c)
-    return c, kp
 
 
 def repack(
@@ -131,35 +110,33 @@ def repack(
     bits: int,
     group_size: int | None,
 ) -> TritonWeight:
-    """Load-time repack of (codes uint8 [N, K], scale fp16 [N, K/G], zero uint8 [N, K/G])."""
+    """Load-time repack of (codes uint8 [N, K], scale fp16 [N, K/G], zero uint8 [N, K/G]).
+
+    ``group_size`` None (or >= K) means per-channel. Runs on the tensors' device."""
     if bits not in PLANES:
         raise ValueError(f"bits must be in 2..8, got {bits}")
     n, k = codes.shape
     g = k if group_size is None or group_size >= k else int(group_size)
-    if k % 32 or k % g or g < 16 or (g != k and g & (g - 1)):
-        raise ValueError(f"unsupported shape/group: K={k}, G={group_size} (need 32 | K, G a power of two >= 16 dividing K, or per-channel)")
+    if k % 32 or k % g or g < 16 or (g != k and (g & (g - 1) or g % 16)):
+        raise ValueError(
+            f"unsupported shape/group: K={k}, G={group_size} (need 32 | K and G a power of two >= 16 dividing K, or per-channel)"
+        )
     ng = k // g
     if scale.shape != (n, ng) or zero.shape != (n, ng):
         raise ValueError(f"scale/zero must be [{n}, {ng}], got {tuple(scale.shape)} / {tuple(zero.shape)}")
-    c, kp = _choose_c(k, g)
     dev = codes.device
-    q = codes.to(torch.int64)
-    if kp != k:
-        q = torch.nn.functional.pad(q, (0, kp - k))
-    nb = kp // (32 * c)
-    # [N, nb, 32 (j), C] -> [N, nb, C, 32]: unit c, position j
-    q = q.view(n, nb, 32, c).transpose(2, 3)
+    nb = k // 32
+    q = codes.to(torch.int32).view(n, nb, 32)
     slots = []
     for pb, sp in PLANES[bits]:
-        plane = (q >> sp) & ((1 << pb) - 1)  # [N, nb, C, 32]
+        plane = ((q >> sp) & ((1 << pb) - 1)).to(torch.int64)  # [N, nb, 32]
         f_per = 8 // pb
-        # position j = 4u + i, u = a*f_per + f  ->  [N, nb, C, a, f, i]
-        plane = plane.reshape(n, nb, c, pb, f_per, 4)
-        shifts = (8 * torch.arange(4, device=dev)).view(1, 1, 1, 1, 1, 4) + (pb * torch.arange(f_per, device=dev)).view(1, 1, 1, 1, f_per, 1)
-        words = (plane << shifts).sum(dim=(4, 5))  # disjoint bits: sum == or; [N, nb, C, pb]
-        slots.append(words.permute(0, 1, 3, 2))  # [N, nb, pb, C]
-    w = torch.cat(slots, dim=2)  # [N, nb, bits, C]
-    w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32).reshape(n, bits * kp // 32).contiguous()
+        plane = plane.view(n, nb, pb, f_per, 4)  # j = 4u + i, u = a*f_per + f
+        shifts = (8 * torch.arange(4, device=dev)).view(1, 1, 1, 1, 4) + (pb * torch.arange(f_per, device=dev)).view(1, 1, 1, f_per, 1)
+        slots.append((plane << shifts).sum(dim=(3, 4)))  # disjoint bits: sum == or; [N, nb, pb]
+        del plane
+    w = torch.cat(slots, dim=2)  # [N, nb, bits]
+    w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32).permute(1, 2, 0).contiguous()  # [nb, bits, N]
     counters = torch.zeros(4 * (-(-n // 16)) + 64, dtype=torch.int32, device=dev)
     return TritonWeight(
         qweight=w,
@@ -170,8 +147,6 @@ def repack(
         group_size=g,
         n=n,
         k=k,
-        c=c,
-        kp=kp,
     )
 
 
@@ -205,7 +180,7 @@ if triton is not None:
 
     @triton.jit
     def _byte_f32(q, magic, I: tl.constexpr, POS: tl.constexpr, USE_ASM: tl.constexpr):
-        """Byte I of q as fp32 0.5 + byte * 2^(8*POS - 24) (byte < 128 when POS == 2)."""
+        """Byte I of q as the fp32 0.5 + byte * 2^(8*POS - 24) (byte < 128 when POS == 2)."""
         if USE_ASM:
             SEL: tl.constexpr = (0x7044 | (I << 8)) if POS == 2 else (0x7404 | (I << 4))
             r = _prmt(q, magic, SEL)
@@ -236,44 +211,95 @@ if triton is not None:
         return r
 
     @triton.jit
-    def _load_rows(ptrs, mask, EVEN_N: tl.constexpr):
+    def _ld(ptrs, mask, EVEN_N: tl.constexpr):
         if EVEN_N:
-            return tl.load(ptrs)
+            r = tl.load(ptrs)
         else:
-            return tl.load(ptrs, mask=mask, other=0)
+            r = tl.load(ptrs, mask=mask, other=0)
+        return r
 
     @triton.jit
-    def _group(kb, u, G, NG, C: tl.constexpr, GPB: tl.constexpr, EVEN_K: tl.constexpr):
-        """Scale group of quad u of block kb; GPB = groups per block (0: a group spans blocks)."""
-        if GPB > 0:
-            GC: tl.constexpr = 32 * C // GPB
-            g = kb * GPB + (4 * C * u) // GC
-        else:
-            g = (kb * (32 * C)) // G
-        if not EVEN_K:
-            g = tl.minimum(g, NG - 1)
-        return g
+    def _slots(ptrs, N, mask, BITS: tl.constexpr, EVEN_N: tl.constexpr):
+        """The BITS slot words of one block for a vector of rows (unused outputs repeat slot 0)."""
+        w0 = _ld(ptrs, mask, EVEN_N)
+        w1 = w0
+        w2 = w0
+        w3 = w0
+        w4 = w0
+        w5 = w0
+        w6 = w0
+        w7 = w0
+        if BITS > 1:
+            w1 = _ld(ptrs + N, mask, EVEN_N)
+        if BITS > 2:
+            w2 = _ld(ptrs + 2 * N, mask, EVEN_N)
+        if BITS > 3:
+            w3 = _ld(ptrs + 3 * N, mask, EVEN_N)
+        if BITS > 4:
+            w4 = _ld(ptrs + 4 * N, mask, EVEN_N)
+        if BITS > 5:
+            w5 = _ld(ptrs + 5 * N, mask, EVEN_N)
+        if BITS > 6:
+            w6 = _ld(ptrs + 6 * N, mask, EVEN_N)
+        if BITS > 7:
+            w7 = _ld(ptrs + 7 * N, mask, EVEN_N)
+        return w0, w1, w2, w3, w4, w5, w6, w7
 
     @triton.jit
-    def _fixup(part, ws_ptr, cnt_ptr, out_ptr, offs, mask, tile, pid_s, SPLIT, TILE_ELEMS):
+    def _pick(w0, w1, w2, w3, w4, w5, w6, w7, IDX: tl.constexpr):
+        if IDX == 0:
+            r = w0
+        elif IDX == 1:
+            r = w1
+        elif IDX == 2:
+            r = w2
+        elif IDX == 3:
+            r = w3
+        elif IDX == 4:
+            r = w4
+        elif IDX == 5:
+            r = w5
+        elif IDX == 6:
+            r = w6
+        else:
+            r = w7
+        return r
+
+    @triton.jit
+    def _quad(w0, w1, w2, w3, w4, w5, w6, w7, U: tl.constexpr,
+              PB0: tl.constexpr, PB1: tl.constexpr, PB2: tl.constexpr):
+        """Codes of inputs 4U..4U+3 of a block, one per byte."""
+        F0: tl.constexpr = 8 // PB0
+        qd = _field(_pick(w0, w1, w2, w3, w4, w5, w6, w7, U // F0), PB0, U % F0, 0)
+        if PB1 > 0:
+            F1: tl.constexpr = 8 // PB1
+            qd = qd | _field(_pick(w0, w1, w2, w3, w4, w5, w6, w7, PB0 + U // F1), PB1, U % F1, PB0)
+        if PB2 > 0:
+            F2: tl.constexpr = 8 // PB2
+            qd = qd | _field(_pick(w0, w1, w2, w3, w4, w5, w6, w7, PB0 + PB1 + U // F2), PB2, U % F2, PB0 + PB1)
+        return qd
+
+    @triton.jit
+    def _fixup(part, ws_ptr, cnt_ptr, out_ptr, offs, mask, tile, pid_s, SPLIT, TILE_ELEMS, UNROLL: tl.constexpr):
         """Split-K: store the fp32 partial; the last program of a tile sums all, in order."""
         tl.store(ws_ptr + pid_s * TILE_ELEMS + offs, part, mask=mask)
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT - 1:
-            total = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in range(1, SPLIT):
-                total += tl.load(ws_ptr + s * TILE_ELEMS + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            total = tl.zeros(part.shape, dtype=tl.float32)
+            for s0 in range(0, SPLIT, UNROLL):  # UNROLL independent loads in flight, summed in a fixed order
+                for s in tl.static_range(UNROLL):
+                    ok = mask & ((offs * 0 + (s0 + s)) < SPLIT)
+                    total += tl.load(ws_ptr + (s0 + s) * TILE_ELEMS + offs, mask=ok, other=0.0, cache_modifier=".cg")
             tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(cnt_ptr + tile, 0)
 
     @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
-        M, N, K, G, NG, NB, BLOCKS_PER_SPLIT, SPLIT, MAGIC,
-        BITS: tl.constexpr, C: tl.constexpr, JG: tl.constexpr, BN: tl.constexpr,
-        HAS_SPLIT: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-        GPB: tl.constexpr,
+        M, N, K, NB, GB, BLOCKS_PER_SPLIT, SPLIT, MAGIC,
+        BITS: tl.constexpr, BN: tl.constexpr, HAS_SPLIT: tl.constexpr, USE_ASM: tl.constexpr,
+        EVEN_N: tl.constexpr, G16: tl.constexpr, PREFETCH: tl.constexpr,
         PB0: tl.constexpr, PB1: tl.constexpr, PB2: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -282,151 +308,120 @@ if triton is not None:
         POS: tl.constexpr = 1 if BITS == 8 else 2
         MULT: tl.constexpr = 65536.0 if BITS == 8 else 256.0
         OFF: tl.constexpr = MULT * 0.5
-        # slot offsets / code shifts of the planes (PB1/PB2 == 0: absent)
-        O1: tl.constexpr = PB0
-        O2: tl.constexpr = PB0 + PB1
-        S1: tl.constexpr = PB0
-        S2: tl.constexpr = PB0 + PB1
-        F0: tl.constexpr = 8 // PB0
-        F1: tl.constexpr = 8 // PB1 if PB1 > 0 else 1
-        F2: tl.constexpr = 8 // PB2 if PB2 > 0 else 1
-
         rows = pid_n * BN + tl.arange(0, BN)
         rmask = rows < N
-        cols = tl.arange(0, C)
-        row_words = BITS * NB * C  # int32 words per row
-        w_row = w_ptr + rows.to(tl.int64)[:, None] * row_words + cols[None, :]
-        wmask = rmask[:, None]
-        x_row = x_ptr + pid_m.to(tl.int64) * K
-
-        acc = tl.zeros([BN, C], dtype=tl.float32)
-        QG: tl.constexpr = JG // 4  # quads per scale chunk
+        w_rows = w_ptr + rows
+        x_row = x_ptr + pid_m * K
+        acc = tl.zeros([BN], dtype=tl.float32)
+        t = tl.zeros([BN], dtype=tl.float32)
+        xs = tl.sum(t, axis=0)  # a 0-d fp32 zero: the running sum of x over the group
         kb0 = pid_s * BLOCKS_PER_SPLIT
         kb1 = tl.minimum(kb0 + BLOCKS_PER_SPLIT, NB)
+        if PREFETCH:
+            c0, c1, c2, c3, c4, c5, c6, c7 = _slots(w_rows + kb0 * (BITS * N), N, rmask, BITS, EVEN_N)
         for kb in range(kb0, kb1):
-            wb = w_row + kb * (BITS * C)
-            xb = x_row + kb * (32 * C) + cols[None, :]
-            t = tl.zeros([BN, C], dtype=tl.float32)
-            xs = tl.zeros([1, C], dtype=tl.float32)
+            if PREFETCH:  # next block's words in flight while this one computes
+                nxt = tl.minimum(kb + 1, NB - 1)
+                n0, n1, n2, n3, n4, n5, n6, n7 = _slots(w_rows + nxt * (BITS * N), N, rmask, BITS, EVEN_N)
+            else:
+                c0, c1, c2, c3, c4, c5, c6, c7 = _slots(w_rows + kb * (BITS * N), N, rmask, BITS, EVEN_N)
+            xb = x_row + kb * 32
             for u in tl.static_range(8):
-                if u % F0 == 0:
-                    w0 = _load_rows(wb + (u // F0) * C, wmask, EVEN_N)
-                qd = _field(w0, PB0, u % F0, 0)
-                if PB1 > 0:
-                    if u % F1 == 0:
-                        w1 = _load_rows(wb + (O1 + u // F1) * C, wmask, EVEN_N)
-                    qd = qd | _field(w1, PB1, u % F1, S1)
-                if PB2 > 0:
-                    if u % F2 == 0:
-                        w2 = _load_rows(wb + (O2 + u // F2) * C, wmask, EVEN_N)
-                    qd = qd | _field(w2, PB2, u % F2, S2)
+                qd = _quad(c0, c1, c2, c3, c4, c5, c6, c7, u, PB0, PB1, PB2)
                 for i in tl.static_range(4):
-                    if EVEN_K:
-                        xj = tl.load(xb + (4 * u + i) * C).to(tl.float32)
-                    else:
-                        kk = kb * (32 * C) + (4 * u + i) * C + cols[None, :]
-                        xj = tl.load(xb + (4 * u + i) * C, mask=kk < K, other=0.0).to(tl.float32)
+                    xj = tl.load(xb + (4 * u + i)).to(tl.float32)
                     t += _byte_f32(qd, MAGIC, i, POS, USE_ASM) * xj
                     xs += xj
-                if (u + 1) % QG == 0:
-                    g = _group(kb, u + 1 - QG, G, NG, C, GPB, EVEN_K)
-                    if EVEN_N:
-                        sc = tl.load(s_ptr + g * N + rows).to(tl.float32)
-                        zp = tl.load(z_ptr + g * N + rows).to(tl.float32)
-                    else:
-                        sc = tl.load(s_ptr + g * N + rows, mask=rmask, other=0.0).to(tl.float32)
-                        zp = tl.load(z_ptr + g * N + rows, mask=rmask, other=0).to(tl.float32)
-                    sa = (sc * MULT)[:, None]
-                    sb = (sc * (zp + OFF))[:, None]
-                    # sum (q - z) x = MULT * t - (OFF + z) * sum x; the second term spread over C
-                    xsum = tl.sum(tl.sum(xs, axis=1), axis=0) * (1.0 / C)
-                    acc += t * sa - sb * xsum
-                    t = tl.zeros([BN, C], dtype=tl.float32)
-                    xs = tl.zeros([1, C], dtype=tl.float32)
-        part = tl.sum(acc, axis=1)
+                if G16:  # G == 16: two groups per block
+                    if u % 4 == 3:
+                        g = 2 * kb + u // 4
+                        sc = _ld(s_ptr + g * N + rows, rmask, EVEN_N).to(tl.float32)
+                        zp = _ld(z_ptr + g * N + rows, rmask, EVEN_N).to(tl.float32)
+                        acc += t * (sc * MULT) - (sc * (zp + OFF)) * xs
+                        t = tl.zeros([BN], dtype=tl.float32)
+                        xs = xs * 0.0
+            if not G16:  # a group spans GB blocks: fold at its end (or at the end of this split)
+                if ((kb + 1) % GB == 0) | (kb == kb1 - 1):
+                    g = kb // GB
+                    sc = _ld(s_ptr + g * N + rows, rmask, EVEN_N).to(tl.float32)
+                    zp = _ld(z_ptr + g * N + rows, rmask, EVEN_N).to(tl.float32)
+                    acc += t * (sc * MULT) - (sc * (zp + OFF)) * xs
+                    t = tl.zeros([BN], dtype=tl.float32)
+                    xs = xs * 0.0
+            if PREFETCH:
+                c0, c1, c2, c3, c4, c5, c6, c7 = n0, n1, n2, n3, n4, n5, n6, n7
         offs = pid_m * N + rows
         if not HAS_SPLIT:
-            tl.store(out_ptr + offs, part.to(out_ptr.dtype.element_ty), mask=rmask)
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=rmask)
         else:
-            _fixup(part, ws_ptr, cnt_ptr, out_ptr, offs, rmask, pid_n * M + pid_m, pid_s, SPLIT, M * N)
+            _fixup(acc, ws_ptr, cnt_ptr, out_ptr, offs, rmask, pid_n * M + pid_m, pid_s, SPLIT, M * N, 8)
+
+    @triton.jit
+    def _plane_tile(w0, w1, w2, w3, w4, w5, w6, w7, H: tl.constexpr, PB: tl.constexpr, O: tl.constexpr,
+                    SP: tl.constexpr):
+        """Bits [SP, SP+PB) of the codes of inputs 16H..16H+15 of a block, as a [16, BN] tile."""
+        F: tl.constexpr = 8 // PB
+        jj = tl.arange(0, 16)
+        u = 4 * H + jj // 4
+        a = u // F
+        sh = 8 * (jj % 4) + PB * (u % F)
+        A0: tl.constexpr = (4 * H) // F
+        A1: tl.constexpr = (4 * H + 3) // F
+        word = _pick(w0, w1, w2, w3, w4, w5, w6, w7, O + A0)[None, :] + 0 * sh[:, None]
+        for A in tl.static_range(A0 + 1, A1 + 1):
+            word = tl.where((a == A)[:, None], _pick(w0, w1, w2, w3, w4, w5, w6, w7, O + A)[None, :], word)
+        return ((word >> sh[:, None]) & ((1 << PB) - 1)) << SP
 
     @triton.jit
     def _tiled_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
-        M, N, K, G, NG, NB, BLOCKS_PER_SPLIT, SPLIT, MAGIC,
-        BITS: tl.constexpr, C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-        HAS_SPLIT: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-        GPB: tl.constexpr,
+        M, N, K, NB, GB, BLOCKS_PER_SPLIT, SPLIT, MAGIC,
+        BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_SPLIT: tl.constexpr,
+        USE_ASM: tl.constexpr, EVEN_N: tl.constexpr, G16: tl.constexpr,
         PB0: tl.constexpr, PB1: tl.constexpr, PB2: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
-        POS: tl.constexpr = 1 if BITS == 8 else 2
-        MULT: tl.constexpr = 65536.0 if BITS == 8 else 256.0
-        OFF: tl.constexpr = MULT * 0.5
-        O1: tl.constexpr = PB0
-        O2: tl.constexpr = PB0 + PB1
-        S1: tl.constexpr = PB0
-        S2: tl.constexpr = PB0 + PB1
-        F0: tl.constexpr = 8 // PB0
-        F1: tl.constexpr = 8 // PB1 if PB1 > 0 else 1
-        F2: tl.constexpr = 8 // PB2 if PB2 > 0 else 1
-        DT = x_ptr.dtype.element_ty
-
+        DT: tl.constexpr = x_ptr.dtype.element_ty
         rows = pid_n * BN + tl.arange(0, BN)
         rmask = rows < N
-        cols = tl.arange(0, C)
-        row_words = BITS * NB * C
-        w_row = w_ptr + rows.to(tl.int64)[:, None] * row_words + cols[None, :]
-        wmask = rmask[:, None]
+        w_rows = w_ptr + rows
         ms = pid_m * BM + tl.arange(0, BM)
         mmask = ms < M
-        # x tile of one quad: flat f = c*4 + i  <->  k = kbase + (4u + i)*C + c
-        f = tl.arange(0, 4 * C)
-        xoff = (f % 4) * C + f // 4
-        x_rows = x_ptr + ms.to(tl.int64)[:, None] * K
-
+        kk = tl.arange(0, 16)
+        x_rows = x_ptr + ms[:, None] * K + kk[None, :]
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         kb0 = pid_s * BLOCKS_PER_SPLIT
         kb1 = tl.minimum(kb0 + BLOCKS_PER_SPLIT, NB)
         for kb in range(kb0, kb1):
-            wb = w_row + kb * (BITS * C)
-            kbase = kb * (32 * C)
-            for u in tl.static_range(8):
-                if u % F0 == 0:
-                    w0 = _load_rows(wb + (u // F0) * C, wmask, EVEN_N)
-                qd = _field(w0, PB0, u % F0, 0)
+            c0, c1, c2, c3, c4, c5, c6, c7 = _slots(w_rows + kb * (BITS * N), N, rmask, BITS, EVEN_N)
+            for h in tl.static_range(2):
+                if G16:
+                    g = 2 * kb + h
+                else:
+                    g = kb // GB
+                sc = _ld(s_ptr + g * N + rows, rmask, EVEN_N).to(tl.float32)
+                zp = _ld(z_ptr + g * N + rows, rmask, EVEN_N).to(tl.int32)
+                code = _plane_tile(c0, c1, c2, c3, c4, c5, c6, c7, h, PB0, 0, 0)
                 if PB1 > 0:
-                    if u % F1 == 0:
-                        w1 = _load_rows(wb + (O1 + u // F1) * C, wmask, EVEN_N)
-                    qd = qd | _field(w1, PB1, u % F1, S1)
+                    code = code | _plane_tile(c0, c1, c2, c3, c4, c5, c6, c7, h, PB1, PB0, PB0)
                 if PB2 > 0:
-                    if u % F2 == 0:
-                        w2 = _load_rows(wb + (O2 + u // F2) * C, wmask, EVEN_N)
-                    qd = qd | _field(w2, PB2, u % F2, S2)
-                g = _group(kb, u, G, NG, C, GPB, EVEN_K)
-                sc = tl.load(s_ptr + g * N + rows, mask=rmask, other=0.0).to(tl.float32)
-                zo = tl.load(z_ptr + g * N + rows, mask=rmask, other=0).to(tl.float32) + OFF
-                # exact integers q - z (|q - z| <= 255: exact in fp16 and bf16)
-                d0 = (_byte_f32(qd, MAGIC, 0, POS, USE_ASM) * MULT - zo[:, None]).to(DT)
-                d1 = (_byte_f32(qd, MAGIC, 1, POS, USE_ASM) * MULT - zo[:, None]).to(DT)
-                d2 = (_byte_f32(qd, MAGIC, 2, POS, USE_ASM) * MULT - zo[:, None]).to(DT)
-                d3 = (_byte_f32(qd, MAGIC, 3, POS, USE_ASM) * MULT - zo[:, None]).to(DT)
-                wq = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), [BN, 4 * C])
-                kk = kbase + 4 * u * C + xoff
-                xt = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & (kk < K)[None, :], other=0.0)
+                    code = code | _plane_tile(c0, c1, c2, c3, c4, c5, c6, c7, h, PB2, PB0 + PB1, PB0 + PB1)
+                # exact integers q - z (|q - z| <= 255: exact in fp16 and bf16), [16 inputs, BN rows]
+                wq = (code - zp[None, :]).to(tl.float32).to(DT)
+                xt = tl.load(x_rows + (kb * 32 + 16 * h), mask=mmask[:, None], other=0.0)
                 if USE_ASM:
-                    part = tl.dot(xt, tl.trans(wq))
+                    part = tl.dot(xt, wq)
                 else:  # the interpreter's bf16 dot is wrong (Triton 3.9): an exact fp32 one instead
-                    part = tl.dot(xt.to(tl.float32), tl.trans(wq).to(tl.float32), input_precision="ieee")
+                    part = tl.dot(xt.to(tl.float32), wq.to(tl.float32), input_precision="ieee")
                 acc += part * sc[None, :]
         offs = ms[:, None] * N + rows[None, :]
         omask = mmask[:, None] & rmask[None, :]
         if not HAS_SPLIT:
             tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
         else:
-            _fixup(acc, ws_ptr, cnt_ptr, out_ptr, offs, omask, pid_n * tl.num_programs(0) + pid_m, pid_s, SPLIT, M * N)
+            _fixup(acc, ws_ptr, cnt_ptr, out_ptr, offs, omask, pid_n * tl.num_programs(0) + pid_m, pid_s, SPLIT, M * N, 2)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -439,67 +434,60 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _gpb(w: TritonWeight) -> int:
-    """Scale groups per K block, 0 when one group spans several blocks (or per-channel)."""
-    return 32 * w.c // w.group_size if w.group_size <= 32 * w.c and w.group_size != w.k else 0
-
-
 def _split(tiles: int, nb: int, sms: int, waves: float) -> tuple[int, int]:
-    """(split, blocks per split): enough programs for about `waves` x SMs, no empty split."""
+    """(split, blocks per split): about `waves` x SMs programs, no empty split."""
     want = max(1, min(nb, -(-int(waves * sms) // max(tiles, 1))))
     bps = -(-nb // want)
     return -(-nb // bps), bps
 
 
-def _launch(x: torch.Tensor, w: TritonWeight, path: int = 0, bn: int | None = None, split: int | None = None,
-            waves: float | None = None) -> torch.Tensor:
-    """Launch one kernel; bn / split / waves override the heuristics (benchmark sweeps)."""
+# GEMV launch defaults (num_warps, rows per program, waves of programs, prefetch)
+# chosen from the H100 sweep in bench/results (docs/kernels.md): 4 warps x 4 rows/thread, ~4 waves
+GEMV_CONFIG = dict(num_warps=4, bn=512, waves=4.0, prefetch=True)
+TILED_CONFIG = dict(num_warps=4, bn=128, waves=4.0)
+
+
+def _launch(x: torch.Tensor, w: TritonWeight, path: int = 0, **cfg) -> torch.Tensor:
+    """Launch one kernel; cfg overrides GEMV_CONFIG / TILED_CONFIG (benchmark sweeps)."""
     m = x.shape[0]
     n, k = w.n, w.k
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    interp = _interpreting()
-    use_asm = (not interp) and x.is_cuda
+    use_asm = (not _interpreting()) and x.is_cuda
     sms = _num_sms(x.device.index if x.is_cuda else -1)
-    nb = w.kp // (32 * w.c)
+    nb = k // 32
     planes = [pb for pb, _ in PLANES[w.bits]] + [0, 0]
-    ng = k // w.group_size
+    g16 = w.group_size == 16
+    gb = max(1, w.group_size // 32)
     gemv = (m <= GEMV_MAX_M) if path == 0 else (path == 1)
-    max_tiles = 4 * (-(-n // 16)) + 64  # what w.counters covers
+    max_tiles = 4 * (-(-n // 16)) + 64  # what w.counters covers (M <= 64 tiles of >= 16 x 64)
+    c = {**(GEMV_CONFIG if gemv else TILED_CONFIG), **{key: v for key, v in cfg.items() if v is not None}}
+    if gemv and w.bits >= 6 and cfg.get("waves") is None:
+        c["waves"] = 2.0  # wide codes: fewer, longer programs won the sweep
+    bn = c["bn"]
     if gemv:
-        # 4 warps; a thread holds 4 units (16 bytes) of a row, C/4 threads span a slot,
-        # so a layout tile is 512/C rows: BN gives each thread 2..4 rows sharing one x load
-        bn = bn or 256
         tiles = -(-n // bn) * m
-        split, bps = _split(tiles, nb, sms, waves or 2.0) if split is None else (split, -(-nb // split))
-        if tiles > max_tiles:
-            split, bps = 1, nb
-        ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x.device)
-        jg = min(32, w.group_size // w.c)
-        _gemv_kernel[(m, -(-n // bn), split)](
-            x, w.qweight, w.scale, w.zero, out, ws, w.counters,
-            m, n, k, w.group_size, ng, nb, bps, split, 0x3F000000,
-            BITS=w.bits, C=w.c, JG=jg, BN=bn, HAS_SPLIT=split > 1, USE_ASM=use_asm, EVEN_K=w.kp == k,
-            EVEN_N=n % bn == 0, GPB=_gpb(w),
-            PB0=planes[0], PB1=planes[1], PB2=planes[2],
-            num_warps=4,
+        grid_mn = (m, -(-n // bn))
+    else:
+        bm = 16 if m <= 16 else 32  # BM = 64 would pick wgmma, whose 16-deep tiles Triton rejects
+        grid_mn = (-(-m // bm), -(-n // bn))
+        tiles = grid_mn[0] * grid_mn[1]
+    split, bps = _split(tiles, nb, sms, c["waves"]) if c.get("split") is None else (c["split"], -(-nb // c["split"]))
+    if tiles > max_tiles:
+        split, bps = 1, nb
+    ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x.device)
+    common = (x, w.qweight, w.scale, w.zero, out, ws, w.counters, m, n, k, nb, gb, bps, split, 0x3F000000)
+    if gemv:
+        _gemv_kernel[(*grid_mn, split)](
+            *common, BITS=w.bits, BN=bn, HAS_SPLIT=split > 1, USE_ASM=use_asm, EVEN_N=n % bn == 0,
+            G16=g16, PREFETCH=bool(c["prefetch"]), PB0=planes[0], PB1=planes[1], PB2=planes[2],
+            num_warps=c["num_warps"],
         )
     else:
-        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        bn = bn or 64
-        mt, nt = -(-m // bm), -(-n // bn)
-        split, bps = _split(mt * nt, nb, sms, waves or 2.0) if split is None else (split, -(-nb // split))
-        if mt * nt > max_tiles:
-            split, bps = 1, nb
-        ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x.device)
-        _tiled_kernel[(mt, nt, split)](
-            x, w.qweight, w.scale, w.zero, out, ws, w.counters,
-            m, n, k, w.group_size, ng, nb, bps, split, 0x3F000000,
-            BITS=w.bits, C=w.c, BM=bm, BN=bn, HAS_SPLIT=split > 1, USE_ASM=use_asm, EVEN_K=w.kp == k,
-            EVEN_N=n % bn == 0, GPB=_gpb(w),
-            PB0=planes[0], PB1=planes[1], PB2=planes[2],
-            num_warps=4,
+        _tiled_kernel[(*grid_mn, split)](
+            *common, BITS=w.bits, BM=bm, BN=bn, HAS_SPLIT=split > 1, USE_ASM=use_asm, EVEN_N=n % bn == 0,
+            G16=g16, PB0=planes[0], PB1=planes[1], PB2=planes[2], num_warps=c["num_warps"],
         )
     return out
 
@@ -518,17 +506,20 @@ def _quant_matmul_op(
     group_size: int,
     n: int,
     k: int,
-    c: int,
-    kp: int,
     path: int,
 ) -> torch.Tensor:
-    w = TritonWeight(qweight, scale, zero, counters, bits, group_size, n, k, c, kp)
+    w = TritonWeight(qweight, scale, zero, counters, bits, group_size, n, k)
     return _launch(x.contiguous(), w, path)
 
 
 @_quant_matmul_op.register_fake
-def _(x, qweight, scale, zero, counters, bits, group_size, n, k, c, kp, path):
+def _(x, qweight, scale, zero, counters, bits, group_size, n, k, path):
     return x.new_empty((x.shape[0], n))
+
+
+def op_args(x: torch.Tensor, w: TritonWeight, path: int = 0) -> tuple:
+    """Arguments of ``torch.ops.slq.quant_matmul`` for x [M, K] (for opcheck and tracing)."""
+    return (x, w.qweight, w.scale, w.zero, w.counters, w.bits, w.group_size, w.n, w.k, path)
 
 
 def quant_matmul(x: torch.Tensor, w: TritonWeight, path: int = 0) -> torch.Tensor:
@@ -541,8 +532,5 @@ def quant_matmul(x: torch.Tensor, w: TritonWeight, path: int = 0) -> torch.Tenso
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"activations must be fp16 or bf16, got {x.dtype}")
     lead = x.shape[:-1]
-    y = torch.ops.slq.quant_matmul(
-        x.reshape(-1, w.k), w.qweight, w.scale, w.zero, w.counters,
-        w.bits, w.group_size, w.n, w.k, w.c, w.kp, path,
-    )
+    y = torch.ops.slq.quant_matmul(*op_args(x.reshape(-1, w.k), w, path))
     return y.reshape(*lead, w.n)
