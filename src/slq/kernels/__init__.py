@@ -23,5 +23,7 @@ def prepare(backend: str, layer):
     if backend == "humming":
         from . import humming
 
+        if layer.out_features % 128:  # its sm90 tile policy needs a 128-wide block of outputs
+            raise SlqError(f"the humming backend needs out_features % 128 == 0, got {layer.out_features}")
         return humming.repack(layer.codes, layer.scale, layer.zero, layer.bits, layer.group, dtype=torch.float16)
     raise SlqError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
