@@ -60,3 +60,18 @@ def test_generated_windows_are_deterministic_samples(stories):
     assert a.shape == (3, 12) and torch.equal(a, b) and not torch.equal(a, c)
     assert (a[:, 0] == tok.bos_token_id).all()
     assert a[:, 1:].unique().numel() > 5  # real sampling, not a constant
+
+
+def test_dataset_id_without_datasets_package_is_one_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *a, **k):
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(SlqError, match="pip install datasets"):
+        load_text("wikitext:wikitext-2-raw-v1:test")
