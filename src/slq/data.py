@@ -86,41 +86,22 @@ def token_windows(tokenizer, text: str, seq_len: int, n: int | None = None, skip
     return t.view(n, seq_len)
 
 
-@torch.no_grad()
 def generated_windows(
     model, tokenizer, n: int, seq_len: int, *, seed: int = 0, batch_size: int = 32, device: str = "cpu",
     progress: bool = False,
 ) -> torch.Tensor:
     """n sequences of seq_len tokens sampled from the model at temperature 1 (no top-k/p),
-    each starting from the BOS token (EOS if there is none). Deterministic for a seed."""
+    each starting from the BOS token (EOS if there is none). Sequence i depends only on
+    (seed, i), not on the batch size."""
+    from .fidelity import sample_continuations
+
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise SlqError("the tokenizer has neither a BOS nor an EOS token to start generation from")
-    from .progress import progress_bar
-
-    out = []
-    with progress_bar(progress) as bar:
-        task = bar.add_task("sampling calibration text", total=n * (seq_len - 1))
-        for b0 in range(0, n, batch_size):
-            out.append(_sample_batch(model, start, b0, min(batch_size, n - b0), seq_len, seed, device,
-                                     lambda k: bar.advance(task, k)))
-    return torch.cat(out, 0)
-
-
-@torch.no_grad()
-def _sample_batch(model, start: int, b0: int, b: int, seq_len: int, seed: int, device, advance) -> torch.Tensor:
-    """Sequences b0..b0+b-1; one generator per sequence, so sample i does not depend on the batch size."""
-    gens = [torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + b0 + r) for r in range(b)]
-    ids = torch.full((b, 1), start, dtype=torch.long, device=device)
-    past, cur = None, ids
-    for _ in range(seq_len - 1):
-        o = model(input_ids=cur, past_key_values=past, use_cache=True)
-        past = o.past_key_values
-        probs = torch.softmax(o.logits[:, -1].float(), dim=-1).cpu()
-        cur = torch.stack([torch.multinomial(probs[r], 1, generator=gens[r]) for r in range(b)]).to(device)
-        ids = torch.cat([ids, cur], dim=1)
-        advance(b)
-    return ids.cpu()
+    prompts = torch.full((n, 1), start, dtype=torch.long)
+    windows, _ = sample_continuations(model, prompts, seq_len - 1, seed=seed, batch_size=batch_size,
+                                      device=device, progress=progress)
+    return windows
 
 
 def windows_from_source(

@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .progress import progress_bar
 
 __all__ = [
     "EAR_TOP10_DEFINITION",
@@ -372,11 +373,6 @@ def _evaluating(*models: torch.nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
-def _progress_bar(enabled: bool) -> Progress:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return Progress(*columns, TimeRemainingColumn(), disable=not enabled)
-
-
 def _batch_metrics(
     reference: torch.nn.Module,
     candidate: torch.nn.Module,
@@ -439,7 +435,7 @@ def compare_windows(
 
     parts: dict[str, list[torch.Tensor]] = {}
     start = time.perf_counter()
-    with _progress_bar(progress) as bar, torch.inference_mode(), _evaluating(reference, candidate):
+    with progress_bar(progress) as bar, torch.inference_mode(), _evaluating(reference, candidate):
         task = bar.add_task("fidelity (windows)", total=n_seq)
         for b0 in range(0, n_seq, batch_size):
             rows = slice(b0, b0 + batch_size)
@@ -457,16 +453,24 @@ def compare_windows(
 
 
 def _sample_batch(
-    model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature: float, gen: torch.Generator
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    gens: list[torch.Generator],
+    advance=lambda k: None,
 ) -> torch.Tensor:
     """Extend ids [B, P] by max_new_tokens tokens drawn from softmax(logits / T), one KV-cached step at a
-    time; a model returning no `past_key_values` is re-run on the whole sequence instead."""
+    time (row r draws from gens[r]); a model returning no `past_key_values` is re-run on the whole
+    sequence instead."""
     out = model(input_ids=ids, use_cache=True)
     seq = ids
     for step in range(max_new_tokens):
         probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1).cpu()
-        token = torch.multinomial(probs, 1, generator=gen).to(ids.device)
+        token = torch.stack([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(gens)])
+        token = token.to(ids.device)
         seq = torch.cat([seq, token], dim=1)
+        advance(len(gens))
         if step == max_new_tokens - 1:
             break
         cache = getattr(out, "past_key_values", None)
@@ -486,13 +490,14 @@ def sample_continuations(
     seed: int = 0,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ancestral sampling from the reference: x_{t+1} ~ softmax(ref_logits_t / T), after each prompt.
 
     `prompts` is [n, P] (one common length, no padding). Returns `windows` [n, P + max_new_tokens] and
     `mask` [n, P + max_new_tokens - 1], True exactly at the positions t >= P-1 whose next token was
-    sampled. Draws come from one CPU torch.Generator seeded with `seed`, so a fixed (seed, batch_size)
-    gives the same text on any device. Generation does not stop at end-of-sequence tokens.
+    sampled. Sequence i draws from its own CPU torch.Generator seeded with (seed, i), so a fixed seed gives
+    the same text on any device and with any batch size. Generation does not stop at end-of-sequence tokens.
     """
     prompts = torch.as_tensor(prompts, dtype=torch.long)
     if prompts.ndim != 2 or prompts.shape[1] < 1:
@@ -502,12 +507,14 @@ def sample_continuations(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     n, P = prompts.shape
-    gen = torch.Generator().manual_seed(seed)
     batches = []
-    with torch.inference_mode(), _evaluating(reference):
+    with progress_bar(progress) as bar, torch.inference_mode(), _evaluating(reference):
+        task = bar.add_task("sampling", total=n * max_new_tokens)
         for b0 in range(0, n, batch_size):
             ids = prompts[b0 : b0 + batch_size].to(device)
-            batches.append(_sample_batch(reference, ids, max_new_tokens, temperature, gen).cpu())
+            gens = [torch.Generator().manual_seed(seed * 1_000_003 + b0 + r) for r in range(ids.shape[0])]
+            seq = _sample_batch(reference, ids, max_new_tokens, temperature, gens, lambda k: bar.advance(task, k))
+            batches.append(seq.cpu())
     windows = torch.cat(batches)
     mask = torch.zeros(n, P + max_new_tokens - 1, dtype=torch.bool)
     mask[:, P - 1 :] = True
