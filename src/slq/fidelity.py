@@ -40,6 +40,7 @@ from .progress import progress_bar
 
 __all__ = [
     "EAR_TOP10_DEFINITION",
+    "CachedLogits",
     "Fidelity",
     "bootstrap_ci",
     "compare_windows",
@@ -400,6 +401,42 @@ def _batch_metrics(
         raise ValueError(f"vocabularies differ: reference {ref.shape[-1]}, candidate {cand.shape[-1]}")
     metrics = token_metrics(ref, cand, targets.flatten() if every else targets[mask], temperature)
     return {key: value.cpu() for key, value in metrics.items()}
+
+
+class CachedLogits(torch.nn.Module):
+    """A stand-in for a model whose logits on a fixed set of inputs were computed once.
+
+    ``record(model, windows, batch_size)`` runs ``model`` over ``windows[:, :-1]`` in the same batches
+    `compare_windows` uses and keeps each batch's logits (fp32 on the CPU by default); calling the cache
+    with exactly one of those batches returns them. Comparing many candidates against one reference
+    (benchmarks, the bit search's verification rounds) then costs one reference pass instead of one per
+    candidate. Memory is n_windows x (L - 1) x V x 4 bytes, so this is for bounded window sets; any input
+    it has not seen raises KeyError rather than being silently recomputed.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.dtype = dtype
+        self._store: dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def _key(ids: torch.Tensor) -> tuple:
+        ids = ids.detach().cpu()
+        return tuple(ids.shape), ids.numpy().tobytes()
+
+    @torch.inference_mode()
+    def record(self, model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
+               device: str | torch.device = "cpu") -> "CachedLogits":
+        with _evaluating(model):
+            for b0 in range(0, windows.shape[0], batch_size):
+                ids = windows[b0 : b0 + batch_size, :-1].to(device)
+                self._store[self._key(ids)] = model(input_ids=ids).logits.to("cpu", self.dtype)
+        return self
+
+    def forward(self, input_ids: torch.Tensor, **_: Any):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self._store[self._key(input_ids)].to(input_ids.device))
 
 
 def compare_windows(

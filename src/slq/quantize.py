@@ -114,28 +114,48 @@ def quantize_model(
                 hessians = collect_hessians(layer, batches, list(names.values()))
                 timings["hessian_s"] += time.perf_counter() - t
             t = time.perf_counter()
-            factors = {}
+            weights = {}
             for full, r in names.items():
-                lin = rel[r]
                 lp = plan[full]
-                W = lin.weight.data.float()
+                W = rel[r].weight.data.float()
                 if not torch.isfinite(W).all():
                     raise SlqError(f"weight {full}.weight contains NaN or Inf values")
                 lp.gamma_mean, lp.gamma2_mean = gamma_stats(W, lp.spec.effective_group(lp.K))
-                if method == "gptq":
-                    acc = hessians[r]
-                    key = id(acc)
+                weights[full] = W
+            results: dict[str, QuantizedWeight] = {}
+            facs = {}
+            if method == "gptq":
+                # GPTQ is row-independent given H: linears that share an input (and so a Hessian) and a
+                # spec are stacked along N and solved in one pass (same codes, fewer Python steps).
+                stacks: dict[tuple, list[str]] = {}
+                for full, r in names.items():
+                    stacks.setdefault((id(hessians[r]), plan[full].spec), []).append(full)
+                factors = {}
+                for (key, spec_), members in stacks.items():
                     if key not in factors:
-                        factors[key] = factor(acc.H, damp)
+                        factors[key] = factor(hessians[names[members[0]]].H, damp)
                     fac = factors[key]
-                    q = gptq_quantize(W.to(device), fac, lp.spec, clip=clip)
-                else:
-                    q = quantize_rtn(W, lp.spec, clip=clip)
+                    W = torch.cat([weights[m] for m in members]).to(device)
+                    q = gptq_quantize(W, fac, spec_, clip=clip)
+                    row = 0
+                    for m in members:
+                        n = weights[m].shape[0]
+                        results[m] = QuantizedWeight(q.codes[row:row + n], q.scale[row:row + n],
+                                                     q.zero[row:row + n], spec_)
+                        facs[m] = fac
+                        row += n
+            else:
+                for full in names:
+                    results[full] = quantize_rtn(weights[full], plan[full].spec, clip=clip)
+            for full, r in names.items():
+                lin, lp, W = rel[r], plan[full], weights[full]
+                q = results[full]
                 q = QuantizedWeight(q.codes.cpu(), q.scale.cpu(), q.zero.cpu(), q.spec)
                 W_hat = q.dequantize().to(W.device)
                 if method == "gptq":
-                    base = output_error(W, torch.zeros_like(W), fac.H)
-                    lp.metrics["rel_output_error"] = output_error(W, W_hat, fac.H) / max(base, 1e-30)
+                    H = facs[full].H
+                    base = output_error(W, torch.zeros_like(W), H)
+                    lp.metrics["rel_output_error"] = output_error(W, W_hat, H) / max(base, 1e-30)
                 lp.metrics["rel_weight_error"] = float((W - W_hat).pow(2).sum() / W.pow(2).sum().clamp_min(1e-30))
                 lin.weight.data.copy_(W_hat.to(lin.weight.dtype))
                 qweights[full] = q
