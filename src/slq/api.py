@@ -187,15 +187,43 @@ def info(path: str | Path) -> dict:
 
 
 def generate(source: str | None, prompt: str, *, max_new_tokens: int = 32, device: str = "cpu",
-             trust_remote_code: bool = False) -> str:
-    """Greedy continuation of ``prompt`` by a model or checkpoint."""
+             trust_remote_code: bool = False, backend: str = "auto", engine: bool = True, note=None) -> str:
+    """Greedy continuation of ``prompt`` by a model or checkpoint.
+
+    Llama-family models (llama, mistral, qwen2, qwen3) decode through :mod:`slq.decode` (static KV
+    cache; a CUDA graph per step on GPU). Other families, or ``engine=False``, use transformers'
+    ``generate``; ``note`` (default: :func:`warnings.warn`) is told why. ``backend`` is the
+    QuantLinear backend for slq checkpoints (see :func:`slq.load`).
+    """
+    import warnings
+
+    from .decode import SUPPORTED, supports
+    from .decode import generate as engine_generate
+
     if not prompt:
         raise SlqError("the prompt is empty")
-    m, tok, _ = open_model(source, device=device, trust_remote_code=trust_remote_code)
+    if max_new_tokens < 1:
+        raise SlqError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    path = resolve_model(source)
+    if is_slq_checkpoint(path):
+        from transformers import AutoTokenizer
+
+        m = load_checkpoint(path, device=device, backend=backend, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    else:
+        m, tok = load_model(path, device=device, trust_remote_code=trust_remote_code)
     ids = tok(prompt, return_tensors="pt").input_ids.to(device)
-    with torch.inference_mode():
-        out = m.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if engine and supports(m):
+        out = engine_generate(m, ids, max_new_tokens, eos_token_id="auto", pad_token_id=pad)
+    else:
+        if engine:
+            family = getattr(m.config, "model_type", type(m).__name__)
+            msg = (f"model_type {family!r} is not one the decode engine runs ({', '.join(SUPPORTED)}); "
+                   "using transformers generate")
+            (note or (lambda s: warnings.warn(s, stacklevel=3)))(msg)
+        with torch.inference_mode():
+            out = m.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 

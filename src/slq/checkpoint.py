@@ -207,10 +207,22 @@ def read_report(path: str | os.PathLike) -> dict:
         raise SlqError(f"corrupt {p}: {e}") from e
 
 
-def load(path: str | os.PathLike, *, backend: str = "reference", device: str = "cpu", trust_remote_code: bool = False):
-    """Load an slq/compressed-tensors checkpoint as a model whose linears are QuantLinear."""
+def load(path: str | os.PathLike, *, backend: str = "reference", device: str = "cpu", trust_remote_code: bool = False,
+         batch_size: int = 1, table=None):
+    """Load an slq/compressed-tensors checkpoint as a model whose linears are QuantLinear.
+
+    ``backend``: reference, triton, humming, or ``auto``. ``auto`` picks per layer for decode at
+    ``batch_size`` from a measured kernel table (``table``: a path or dict; default
+    ``$SLQ_KERNEL_TABLE`` or the bench/results file of this GPU) when ``device`` is CUDA, by the
+    rule in :mod:`slq.kernels.choose`; on CPU it is ``reference``. The choice is recorded in
+    ``model.slq_backends``.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .kernels import BACKENDS
+
+    if backend != "auto" and backend not in BACKENDS:
+        raise SlqError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
     path = Path(path)
     cfg_path, w_path = path / "config.json", path / WEIGHTS
     if not cfg_path.is_file():
@@ -259,7 +271,18 @@ def load(path: str | os.PathLike, *, backend: str = "reference", device: str = "
         miss = [k for k in missing if k in still_meta] or still_meta
         raise SlqError(f"corrupt or incomplete checkpoint {path}: missing tensor {miss[0]}")
     model.to(device).eval()
-    if backend != "reference":
+    if backend == "auto":
+        if torch.device(device).type == "cuda":
+            from .kernels.choose import choose_backends
+
+            model.slq_backends = choose_backends(model, batch_size, table)
+        else:
+            names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+            model.slq_backends = {"rule": "cpu: reference", "table": None, "batch_size": batch_size,
+                                  "layers": dict.fromkeys(names, "reference"), "why": {}}
+        for name, be in model.slq_backends["layers"].items():
+            model.get_submodule(name).set_backend(be)
+    elif backend != "reference":
         for m in model.modules():
             if isinstance(m, QuantLinear):
                 m.set_backend(backend)

@@ -201,11 +201,14 @@ def generate(source: Optional[str] = typer.Argument(None, help="checkpoint, HF d
              prompt: str = typer.Option(..., "--prompt", "-p"),
              max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
              device: str = typer.Option("cpu", "--device"),
+             backend: str = typer.Option("auto", "--backend", help="checkpoints: auto, reference, triton, humming"),
+             hf: bool = typer.Option(False, "--hf", help="decode with transformers generate, not slq's engine"),
              trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
-    """Greedy generation from a model or checkpoint."""
+    """Greedy generation from a model or checkpoint (slq's static-cache engine for Llama-family models)."""
     from .api import generate as run
 
-    text = _run(run, source, prompt, max_new_tokens=max_new_tokens, device=device, trust_remote_code=trust_remote_code)
+    text = _run(run, source, prompt, max_new_tokens=max_new_tokens, device=device, trust_remote_code=trust_remote_code,
+                backend=backend, engine=not hf, note=lambda s: err.print(f"note: {s}", highlight=False))
     print(prompt + text)
 
 
