@@ -65,3 +65,25 @@ def test_dead_inputs_are_zeroed():
     q = gptq_quantize(torch.randn(8, 32, generator=gen), fac, QuantSpec(4, 16))
     assert fac.dead[3] and fac.dead.sum() == 1
     assert (q.dequantize()[:, 3] == 0).all()
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("G", [16, None])
+def test_many_bitwidths_in_one_pass_match_one_at_a_time(sym, G):
+    """The bank's multi-bitwidth GPTQ gives each bitwidth the codes of a separate run."""
+    from slq.gptq import gptq_quantize_many
+
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 64, generator=gen, dtype=torch.float64) @ torch.randn(64, 64, generator=gen, dtype=torch.float64)
+    acc = HessianAccumulator(64)
+    acc.add(X)
+    fac = factor(acc.H)
+    W = torch.randn(24, 64, generator=gen)
+    specs = [QuantSpec(b, G, sym) for b in range(2, 9)]
+    many = gptq_quantize_many(W, fac, specs)
+    for spec, q in zip(specs, many):
+        one = gptq_quantize(W, fac, spec)
+        assert q.spec == spec and q.codes.max() <= spec.maxq
+        agree = (q.codes == one.codes).float().mean().item()
+        assert agree > 0.999, f"bits={spec.bits}: {agree:.4f} of codes agree"
+        torch.testing.assert_close(q.dequantize(), one.dequantize(), atol=1e-5, rtol=0)

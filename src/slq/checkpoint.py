@@ -131,8 +131,15 @@ def save_checkpoint(
     report: dict,
     *,
     force: bool = False,
+    half_modules: frozenset[str] | set[str] = frozenset(),
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write the checkpoint atomically; refuses to overwrite unless ``force``."""
+    """Write the checkpoint atomically; refuses to overwrite unless ``force``.
+
+    ``half_modules``: unquantized linears (the bit search's "16-bit" choice) whose weights are stored
+    in fp16 whatever the model's dtype; the caller has already rounded them to fp16 values, so the
+    file holds exactly what was measured, and loaders cast them back to the model's dtype.
+    """
     out = Path(out_dir)
     if out.exists() and not force:
         raise SlqError(f"output directory {out} exists; pass --force to replace it")
@@ -147,7 +154,13 @@ def save_checkpoint(
             if ptr in seen_ptrs and val.numel() > 0:  # tied weights are stored once
                 continue
             seen_ptrs[ptr] = key
-            tensors[key] = val.detach().cpu().contiguous()
+            val = val.detach().cpu()
+            if key.endswith(".weight") and key[: -len(".weight")] in half_modules:
+                half = val.to(torch.float16)
+                if not torch.equal(half.to(val.dtype), val):
+                    raise ValueError(f"{key} is not fp16-representable; round it before saving")
+                val = half
+            tensors[key] = val.contiguous()
         for name, q in qweights.items():
             for k, v in pack_weight(q).items():
                 tensors[f"{name}.{k}"] = v
@@ -160,6 +173,8 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / REPORT).write_text(json.dumps(report, indent=2, default=_json_default))
+        for name, data in (extra_files or {}).items():  # reports and plots, inside the same atomic write
+            (tmp / name).write_bytes(data)
     return out
 
 
@@ -262,7 +277,8 @@ def load(path: str | os.PathLike, *, backend: str = "reference", device: str = "
         setattr(model.get_submodule(parent), child, QuantLinear(q, bias))
     dense = {k: v for k, v in model.state_dict().items() if not _is_quant_buffer(k, specs)}
     missing = [k for k in dense if k not in keys]
-    state = {k: f.get_tensor(k) for k in dense if k in keys}
+    # tensors stored at another precision (units the bit search kept in 16-bit) take the model's dtype
+    state = {k: f.get_tensor(k).to(dense[k].dtype) for k in dense if k in keys}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     _rebuild_nonpersistent_buffers(model, config)

@@ -75,19 +75,43 @@ def gptq_quantize(
     W: torch.Tensor, fac: Factor, spec: QuantSpec, clip: bool = True, block_size: int = 128
 ) -> QuantizedWeight:
     """Quantize W [N, K] with GPTQ error feedback; returns codes and group params."""
+    return gptq_quantize_many(W, fac, [spec], clip=clip, block_size=block_size)[0]
+
+
+@torch.no_grad()
+def gptq_quantize_many(
+    W: torch.Tensor, fac: Factor, specs: list[QuantSpec], clip: bool = True, block_size: int = 128
+) -> list[QuantizedWeight]:
+    """GPTQ of one W [N, K] at several bitwidths in one pass over the columns.
+
+    GPTQ treats rows independently given the factor, so the copies of W at every spec are stacked
+    along N, each row carrying its own largest code; the result for each spec is what
+    :func:`gptq_quantize` alone gives (it is this function with one spec). The specs must share the
+    group size and the symmetry (they differ in bits only).
+    """
+    if not specs:
+        return []
+    if len({(s.group_size, s.symmetric) for s in specs}) != 1:
+        raise ValueError("gptq_quantize_many: specs must differ in bits only")
+    spec0 = specs[0]
     N, K = W.shape
-    G = spec.effective_group(K)
+    R = len(specs)
+    G = spec0.effective_group(K)
     W = W.to(torch.float32).clone()
     W[:, fac.dead] = 0.0
+    W = W.repeat(R, 1)
+    maxq = torch.tensor([s.maxq for s in specs], dtype=torch.float32, device=W.device).repeat_interleave(N)[:, None]
+    if R == 1:
+        maxq = spec0.maxq  # plain integer path
     U = fac.U.to(W.device)
     per_channel = G == K
     B = max(block_size, G) if not per_channel else block_size
-    codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
-    scales = torch.zeros(N, K // G, dtype=torch.float16, device=W.device)
-    zeros = torch.zeros(N, K // G, dtype=torch.int64, device=W.device)
+    NR = N * R
+    codes = torch.zeros(NR, K, dtype=torch.uint8, device=W.device)
+    scales = torch.zeros(NR, K // G, dtype=torch.float16, device=W.device)
+    zeros = torch.zeros(NR, K // G, dtype=torch.int64, device=W.device)
     if per_channel:  # one group: parameters from the whole row, before any update
-        scales, zeros = qparams(W, spec, G, clip=clip)
-    maxq = spec.maxq
+        scales, zeros = qparams(W, spec0, G, clip=clip, maxq=maxq)
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
         W1 = W[:, i1:i2].clone()
@@ -98,18 +122,20 @@ def gptq_quantize(
             g = col // G
             if not per_channel and col % G == 0:
                 # B is a multiple of G, so the whole group lies in this block.
-                s, z = qparams(W1[:, i : i + G], spec, G, clip=clip)
+                s, z = qparams(W1[:, i : i + G], spec0, G, clip=clip, maxq=maxq)
                 scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
             s, z = scales[:, g : g + 1], zeros[:, g : g + 1]
             w = W1[:, i : i + 1]
-            q = _codes(w.unsqueeze(1), s, z, maxq).reshape(N, 1)
+            q = _codes(w.unsqueeze(1), s, z, maxq).reshape(NR, 1)
             codes[:, col] = q[:, 0].to(torch.uint8)
-            wq = _dequant_grouped(q.unsqueeze(1), s, z).reshape(N, 1)
+            wq = _dequant_grouped(q.unsqueeze(1), s, z).reshape(NR, 1)
             err = (w - wq) / U1[i, i]
             W1[:, i:] -= err @ U1[i : i + 1, i:]
             Err1[:, i] = err[:, 0]
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    return QuantizedWeight(codes, scales, zeros.to(torch.uint8), spec)
+    zeros = zeros.to(torch.uint8)
+    return [QuantizedWeight(codes[r * N:(r + 1) * N], scales[r * N:(r + 1) * N], zeros[r * N:(r + 1) * N], s)
+            for r, s in enumerate(specs)]
 
 
 def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:

@@ -75,44 +75,60 @@ def _grouped(w: torch.Tensor, G: int) -> torch.Tensor:
     return w.reshape(N, K // G, G)
 
 
-def _params_for_shrink(wg: torch.Tensor, spec: QuantSpec, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (fp16) and zero (int64) per group, range shrunk by factor p. wg: [N, ng, G]."""
-    maxq = spec.maxq
+def _params_for_shrink(wg: torch.Tensor, spec: QuantSpec, p: float, maxq=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (fp16) and zero (int64) per group, range shrunk by factor p. wg: [N, ng, G].
+
+    ``maxq`` (default ``spec.maxq``) may be a float tensor [N, 1] giving each row its own bitwidth
+    (the bank quantizes one weight at several bitwidths in one pass); ``spec`` then only says
+    whether the grid is symmetric.
+    """
+    if maxq is None:
+        maxq = spec.maxq
     if spec.symmetric:
         M = wg.abs().amax(dim=-1) * p
         scale = _fp16_ceil(2.0 * M / maxq)
-        zero = torch.full_like(M, 1 << (spec.bits - 1), dtype=torch.int64)
+        if isinstance(maxq, torch.Tensor):
+            zero = ((maxq + 1) / 2).to(torch.int64).expand_as(M).clone()
+        else:
+            zero = torch.full_like(M, (maxq + 1) // 2, dtype=torch.int64)
         return scale, zero
     lo = wg.amin(dim=-1).clamp(max=0.0) * p
     hi = wg.amax(dim=-1).clamp(min=0.0) * p
     scale = _fp16_ceil((hi - lo) / maxq)
-    zero = torch.round(-lo / scale.float()).clamp(0, maxq).to(torch.int64)
-    return scale, zero
+    zero = torch.minimum(torch.round(-lo / scale.float()).clamp(min=0), torch.as_tensor(maxq, dtype=lo.dtype))
+    return scale, zero.to(torch.int64)
 
 
-def _codes(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+def _codes(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq) -> torch.Tensor:
+    """Codes of grouped weights; ``maxq`` is an int or a float tensor [N, 1] (one bitwidth per row)."""
     s = scale.float().unsqueeze(-1)
-    return torch.clamp(torch.round(wg / s) + zero.unsqueeze(-1), 0, maxq)
+    q = torch.round(wg / s) + zero.unsqueeze(-1)
+    if isinstance(maxq, torch.Tensor):
+        return torch.minimum(q.clamp(min=0), maxq.unsqueeze(-1))
+    return torch.clamp(q, 0, maxq)
 
 
 def _dequant_grouped(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return (q - zero.unsqueeze(-1)) * scale.float().unsqueeze(-1)
 
 
-def qparams(w: torch.Tensor, spec: QuantSpec, G: int, clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def qparams(w: torch.Tensor, spec: QuantSpec, G: int, clip: bool = True, maxq=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale (fp16 [N, K/G]) and zero (int64 [N, K/G]) for w [N, K].
 
     With ``clip`` the shrink factor per group minimizes the squared error of the
-    dequantized group over CLIP_GRID (ties keep the larger range).
+    dequantized group over CLIP_GRID (ties keep the larger range). ``maxq``: see
+    :func:`_params_for_shrink`.
     """
+    if maxq is None:
+        maxq = spec.maxq
     wg = _grouped(w.float(), G)
-    scale, zero = _params_for_shrink(wg, spec, 1.0)
+    scale, zero = _params_for_shrink(wg, spec, 1.0, maxq)
     if not clip:
         return scale, zero
-    best = (_dequant_grouped(_codes(wg, scale, zero, spec.maxq), scale, zero) - wg).pow(2).sum(-1)
+    best = (_dequant_grouped(_codes(wg, scale, zero, maxq), scale, zero) - wg).pow(2).sum(-1)
     for p in CLIP_GRID[1:]:
-        s_p, z_p = _params_for_shrink(wg, spec, p)
-        err = (_dequant_grouped(_codes(wg, s_p, z_p, spec.maxq), s_p, z_p) - wg).pow(2).sum(-1)
+        s_p, z_p = _params_for_shrink(wg, spec, p, maxq)
+        err = (_dequant_grouped(_codes(wg, s_p, z_p, maxq), s_p, z_p) - wg).pow(2).sum(-1)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s_p, scale)

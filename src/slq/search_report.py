@@ -1,0 +1,160 @@
+"""Human-readable outputs of a bit search: a Markdown report and two PNG plots (matplotlib).
+
+- ``allocation.png``: the allocation as a heat map, decoder layer x unit kind, colour = bits.
+- ``frontier.png``: EAR and KL vs bits per parameter: the measured search result(s), the measured
+  uniform baselines (same verification windows), and the predicted frontier of the sensitivities.
+"""
+
+from __future__ import annotations
+
+import io
+
+KIND_ORDER = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")
+
+
+def _kinds(report: dict) -> list[str]:
+    kinds = []
+    for u in report["units"]:
+        if u["kind"] not in kinds:
+            kinds.append(u["kind"])
+    return sorted(kinds, key=lambda k: (KIND_ORDER.index(k) if k in KIND_ORDER else len(KIND_ORDER), k))
+
+
+def heatmap_png(report: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    kinds = _kinds(report)
+    layers = sorted({u["layer"] for u in report["units"]})
+    grid = np.full((len(kinds), len(layers)), np.nan)
+    for u in report["units"]:
+        grid[kinds.index(u["kind"]), layers.index(u["layer"])] = report["allocation"][u["name"]]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.28 * len(layers) + 2), 0.5 * len(kinds) + 1.6))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=2, vmax=max(8, np.nanmax(grid)))
+    ax.set_yticks(range(len(kinds)), kinds)
+    ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
+    ax.set_xlabel("decoder layer")
+    for i in range(len(kinds)):
+        for j in range(len(layers)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{int(grid[i, j])}", ha="center", va="center", fontsize=6,
+                        color="white" if grid[i, j] < 6 else "black")
+    fig.colorbar(im, ax=ax, label="bits (16 = kept)")
+    ax.set_title(f"allocation: {report['bits_per_param']:.3f} bits/param ({report['target']['kind']})", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def frontier_png(report: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    base = sorted(report.get("baselines", []), key=lambda r: r["bits_per_param"])
+    if base:
+        x = [r["bits_per_param"] for r in base]
+        ax1.errorbar(x, [r["measured"]["ear"]["mean"] for r in base],
+                     yerr=[[r["measured"]["ear"]["mean"] - r["measured"]["ear"]["ci95"][0] for r in base],
+                           [r["measured"]["ear"]["ci95"][1] - r["measured"]["ear"]["mean"] for r in base]],
+                     marker="s", capsize=3, label="uniform (measured)")
+        ax2.plot(x, [r["measured"]["kl"]["mean"] for r in base], marker="s", label="uniform (measured)")
+    fr = report.get("frontier", [])
+    if fr:
+        ax1.plot([r["bits_per_param"] for r in fr], [r["ear"] for r in fr], ls=":", color="gray",
+                 label="SLQ predicted frontier")
+        ax2.plot([r["bits_per_param"] for r in fr], [r["kl"] for r in fr], ls=":", color="gray",
+                 label="SLQ predicted frontier")
+    for r in report.get("rounds", []):
+        m = r["measured"]
+        style = dict(marker="*", ms=12, color="C3" if r.get("accepted") else "C1")
+        ax1.errorbar([r["bits_per_param"]], [m["ear"]["mean"]],
+                     yerr=[[m["ear"]["mean"] - m["ear"]["ci95"][0]], [m["ear"]["ci95"][1] - m["ear"]["mean"]]],
+                     capsize=3, **style, label=f"SLQ round {r['round']} (measured)")
+        ax2.plot([r["bits_per_param"]], [m["kl"]["mean"]], ls="", **style, label=f"SLQ round {r['round']}")
+    t = report["target"]
+    if t.get("ear"):
+        ax1.axhline(t["ear"], color="gray", lw=1, ls="--", label=f"target EAR {t['ear']}")
+    ax1.set_xlabel("bits per parameter (scales and zeros included)")
+    ax1.set_ylabel("EAR, held-out windows (95% CI)")
+    ax2.set_xlabel("bits per parameter")
+    ax2.set_ylabel("KL(reference || candidate) per token")
+    ax2.set_yscale("log")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def markdown(report: dict) -> str:
+    t = report["target"]
+    m = report["measured"]
+    p = report["predicted"]
+    goal = {"dl": f"distribution-lossless: EAR lower bound >= {t.get('ear')}",
+            "tl": f"task-lossless: recovery >= {t.get('recovery')} (paired test, tolerance {t.get('tolerance')})",
+            "bits": f"least predicted KL at <= {t.get('bits')} bits/param"}[t["kind"]]
+    lines = [
+        "# slq bit search report", "",
+        f"- model: `{report['model']}`",
+        f"- target: {goal} — **{'verified' if report['verified'] else 'NOT verified'}**",
+        f"- bits/param: **{report['bits_per_param']:.4f}** over the allocated linears (scales and zeros included; "
+        f"{report['n_params_kept_16bit']:,} of {report['n_params_allocated']:,} parameters kept in 16-bit), "
+        f"{report['bits_per_param_model']:.4f} over the whole model",
+        f"- estimator: {report['sensitivity']['estimator']} ({report['sensitivity']['seconds']:.1f} s, "
+        f"{report['sensitivity']['forward_calls']} passes)",
+        f"- predicted: EAR {p['ear']:.5f}, KL {p['kl']:.3e}",
+        f"- measured on {m['n_tokens']} held-out tokens: EAR {m['ear']['mean']:.5f} "
+        f"[{m['ear']['ci95'][0]:.5f}, {m['ear']['ci95'][1]:.5f}], top-10-renormalized EAR "
+        f"{m['ear_top10']['mean']:.5f} (peers' variant), KL {m['kl']['mean']:.3e}, top-1 {m['top1']:.4f}, "
+        f"PPL ratio {m['ppl_ratio']:.4f}", "",
+        "## Rounds", "",
+        "| round | KL budget | predicted KL | predicted EAR | bits/param | measured EAR [95% CI] | measured KL | accepted |",
+        "|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for r in report["rounds"]:
+        mm = r["measured"]
+        kb = "-" if r["kl_budget"] is None else f"{r['kl_budget']:.3e}"
+        lines.append(f"| {r['round']} | {kb} | {r['predicted']['kl']:.3e} | {r['predicted']['ear']:.5f} | "
+                     f"{r['bits_per_param']:.4f} | {mm['ear']['mean']:.5f} [{mm['ear']['ci95'][0]:.5f}, "
+                     f"{mm['ear']['ci95'][1]:.5f}] | {mm['kl']['mean']:.3e} | {'yes' if r['accepted'] else 'no'} |")
+    if report.get("anchor"):
+        a = report["anchor"]
+        lines += ["", f"TL anchor (uniform 4-bit): KL {a['kl']:.3e}, recovery {a['recovery']:.4f}, "
+                      f"alpha {a['alpha']:.3g}, KL budget {a['kl_budget']:.3e}"]
+    if report.get("baselines"):
+        lines += ["", "## Uniform baselines (same held-out windows)", "",
+                  "| bits | bits/param | EAR [95% CI] | KL | predicted KL |", "|---:|---:|---|---:|---:|"]
+        for r in report["baselines"]:
+            mm = r["measured"]
+            lines.append(f"| {r['bits']} | {r['bits_per_param']:.4f} | {mm['ear']['mean']:.5f} "
+                         f"[{mm['ear']['ci95'][0]:.5f}, {mm['ear']['ci95'][1]:.5f}] | {mm['kl']['mean']:.3e} | "
+                         f"{r['predicted']['kl']:.3e} |")
+    hist = report["bits_histogram"]
+    lines += ["", "## Allocation", "",
+              "share of parameters per bitwidth: " + ", ".join(f"{b}: {v:.1%}" for b, v in hist.items() if v), "",
+              "![allocation](allocation.png)", "", "![frontier](frontier.png)", "",
+              "| unit | bits |", "|---|---:|"]
+    lines += [f"| {u} | {b} |" for u, b in report["allocation"].items()]
+    tm = report["timings"]
+    lines += ["", "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in tm.items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(report: dict, plots: bool = True) -> dict[str, bytes]:
+    """File name -> contents, written by the caller inside its atomic checkpoint directory."""
+    out = {"slq_report.md": markdown(report).encode()}
+    if plots:
+        out["allocation.png"] = heatmap_png(report)
+        out["frontier.png"] = frontier_png(report)
+    return out
