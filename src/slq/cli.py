@@ -54,10 +54,46 @@ def _group(value: str) -> Optional[int]:
     return g
 
 
+def _int_list(value: str, what: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise SlqError(f"{what} must be a comma list of integers, got {value!r}")
+    if not out:
+        raise SlqError(f"{what} is empty")
+    return out
+
+
+def _parse_bits(value: Optional[str]) -> Optional[float]:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise SlqError(f"--bits must be a number (an integer 2..8 for uniform, or a fractional budget), got {value!r}")
+
+
 @app.command()
 def quantize(
     model: Optional[str] = typer.Argument(None, help="HF directory, .gguf file or hub id; default: embedded SmolLM2-135M-Instruct"),
-    bits: int = typer.Option(4, "--bits", "-b", help="bits per weight, 2..8"),
+    bits: Optional[str] = typer.Option(None, "--bits", "-b",
+                                       help="integer 2..8: uniform; fractional (e.g. 4.5): SLQ search at that bits/param budget (default 4)"),
+    target: Optional[str] = typer.Option(None, "--target", help="SLQ search target: dl (EAR) or tl (zero-shot recovery)"),
+    ear: float = typer.Option(0.99, "--ear", help="DL target: 95% lower bound of measured EAR"),
+    recovery: float = typer.Option(0.99, "--recovery", help="TL target: zero-shot accuracy recovery"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="TL tasks (default piqa,arc_easy,hellaswag,winogrande)"),
+    task_limit: Optional[int] = typer.Option(200, "--task-limit", help="TL: first K items of each task"),
+    bitwidths: str = typer.Option("2,3,4,5,6,7,8,16", "--bitwidths", help="search candidates; 16 = keep in 16-bit"),
+    units: str = typer.Option("fused", "--units", help="search units: fused (q/k/v, gate/up share bits) or linear"),
+    estimator: str = typer.Option("linear", "--estimator", help="search sensitivities: linear, shapley or fisher"),
+    sens_windows: int = typer.Option(8, "--sens-windows", help="search: calibration windows used for sensitivities"),
+    sens_seq_len: Optional[int] = typer.Option(None, "--sens-seq-len", help="search: tokens per sensitivity window (default --seq-len)"),
+    verify_windows: int = typer.Option(16, "--verify-windows", help="search: held-out windows for verification"),
+    probe_bits: str = typer.Option("4", "--probe-bits", help="linear estimator: probe bitwidth(s)"),
+    orderings: int = typer.Option(2, "--orderings", help="Shapley estimator: random orderings"),
+    max_rounds: int = typer.Option(4, "--max-rounds", help="search: verification rounds at most"),
+    baselines: Optional[str] = typer.Option(None, "--baselines", help="search: uniform bitwidths measured for the report (default 3..8)"),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="search: bank/sensitivity cache (resumable)"),
     group_size: str = typer.Option("128", "--group-size", "-g", help="16/32/64/128/256 or 'channel'"),
     sym: bool = typer.Option(False, "--sym", help="symmetric grid (default: asymmetric, integer zero point)"),
     method: str = typer.Option("gptq", "--method", help="rtn or gptq"),
@@ -70,29 +106,79 @@ def quantize(
     out: Path = typer.Option(..., "--out", "-o", help="output checkpoint directory"),
     force: bool = typer.Option(False, "--force", help="replace --out if it exists"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    do_eval: bool = typer.Option(False, "--eval", help="measure EAR/KL/PPL vs the reference right after quantizing"),
+    do_eval: bool = typer.Option(False, "--eval", help="uniform: measure EAR/KL/PPL vs the reference right after quantizing"),
     eval_data: str = typer.Option("generated", "--eval-data", help="held-out text for --eval"),
     eval_tokens: int = typer.Option(8 * 512, "--eval-tokens"),
 ):
-    """Quantize a model to a compressed-tensors checkpoint."""
-    from .api import quantize as run
+    """Quantize a model to a compressed-tensors checkpoint: uniform bits, or the SLQ per-unit search."""
 
     def go():
         if device not in ("cpu", "cuda"):
             raise SlqError(f"--device must be cpu or cuda, got {device!r}")
         if calib_samples < 1 or seq_len < 2:
             raise SlqError("--calib-samples must be >= 1 and --seq-len >= 2")
-        return run(model, bits=bits, group_size=_group(group_size), symmetric=sym, method=method, calib=calib,
-                   calib_samples=calib_samples, seq_len=seq_len, clip=not no_clip, device=device, seed=seed,
-                   out=out, force=force, progress=sys.stderr.isatty(), trust_remote_code=trust_remote_code,
-                   eval=do_eval, eval_data=eval_data, eval_tokens=eval_tokens)
+        b = _parse_bits(bits)
+        if target is not None and target not in ("dl", "tl"):
+            raise SlqError(f"--target must be dl or tl, got {target!r}")
+        if target is not None and b is not None:
+            raise SlqError("give either --target or --bits, not both")
+        is_search = target is not None or (b is not None and not float(b).is_integer())
+        if not is_search:
+            bb = 4 if b is None else int(b)
+            from .api import quantize as run
+
+            return run(model, bits=bb, group_size=_group(group_size), symmetric=sym, method=method, calib=calib,
+                       calib_samples=calib_samples, seq_len=seq_len, clip=not no_clip, device=device, seed=seed,
+                       out=out, force=force, progress=sys.stderr.isatty(), trust_remote_code=trust_remote_code,
+                       eval=do_eval, eval_data=eval_data, eval_tokens=eval_tokens)
+        from .search import search
+
+        return search(model, target=target or "bits", ear=ear, recovery=recovery, bits=b,
+                      tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+                      task_limit=task_limit, bitwidths=_int_list(bitwidths, "--bitwidths"), units=units,
+                      estimator=estimator, group_size=_group(group_size), symmetric=sym, method=method, calib=calib,
+                      calib_samples=calib_samples, seq_len=seq_len, sens_windows=sens_windows,
+                      sens_seq_len=sens_seq_len, verify_windows=verify_windows,
+                      probe_bits=_int_list(probe_bits, "--probe-bits"), orderings=orderings, max_rounds=max_rounds,
+                      baselines=_int_list(baselines, "--baselines") if baselines else None, clip=not no_clip,
+                      device=device, seed=seed, workdir=workdir, out=out, force=force,
+                      progress=sys.stderr.isatty(), trust_remote_code=trust_remote_code)
 
     report = _run(go)
-    if report.get("fidelity"):
+    if report.get("allocation") is not None:
+        print_search(report)
+    elif report.get("fidelity"):
         print_fidelity(report["fidelity"])
     console.print(f"wrote [bold]{out}[/]: {report['bits_per_param']:.3f} bits/param over quantized linears, "
                   f"{report['bits_per_param_model']:.3f} over the whole model, "
                   f"{report['timings']['total_s']:.1f} s")
+
+
+def print_search(report: dict) -> None:
+    t = report["target"]
+    m, p = report["measured"], report["predicted"]
+    tb = Table(title=f"SLQ search ({t['kind']}, estimator {report['sensitivity']['estimator']}): "
+                     f"{'verified' if report['verified'] else 'NOT verified'}")
+    for c in ("round", "KL budget", "pred. KL", "pred. EAR", "bits/param", "EAR [95% CI] held-out", "KL", "accepted"):
+        tb.add_column(c, justify="right")
+    for r in report["rounds"]:
+        mm = r["measured"]
+        tb.add_row(str(r["round"]), "-" if r["kl_budget"] is None else f"{r['kl_budget']:.2e}",
+                   f"{r['predicted']['kl']:.2e}", f"{r['predicted']['ear']:.4f}", f"{r['bits_per_param']:.3f}",
+                   f"{mm['ear']['mean']:.4f} [{mm['ear']['ci95'][0]:.4f}, {mm['ear']['ci95'][1]:.4f}]",
+                   f"{mm['kl']['mean']:.2e}", "yes" if r["accepted"] else "no")
+    console.print(tb)
+    hist = ", ".join(f"{b}b {v:.0%}" for b, v in report["bits_histogram"].items() if v)
+    console.print(f"allocation: {hist}; {report['n_params_kept_16bit']:,} parameters kept in 16-bit")
+    console.print(f"measured: EAR {m['ear']['mean']:.5f} [{m['ear']['ci95'][0]:.5f}, {m['ear']['ci95'][1]:.5f}], "
+                  f"top-10 EAR {m['ear_top10']['mean']:.5f} (peers' variant), KL {m['kl']['mean']:.3e}, "
+                  f"top-1 {m['top1']:.4f}, PPL ratio {m['ppl_ratio']:.4f}; predicted EAR {p['ear']:.5f}")
+    if report.get("anchor"):
+        a = report["anchor"]
+        console.print(f"TL anchor (uniform 4-bit): recovery {a['recovery']:.4f}, KL {a['kl']:.3e} -> KL budget "
+                      f"{a['kl_budget']:.3e}")
+    tm = report["timings"]
+    console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in tm.items()))
 
 
 @app.command()
@@ -117,6 +203,8 @@ def info(path: Path = typer.Argument(..., help="an slq checkpoint directory"),
     console.print(t)
     console.print(f"bits/param: {report['bits_per_param']:.4f} (quantized linears, scales and zeros included), "
                   f"{report['bits_per_param_model']:.4f} (whole model, other tensors at stored precision)")
+    if report.get("allocation") is not None:
+        print_search(report)
     if report.get("fidelity"):
         print_fidelity(report["fidelity"])
 
@@ -210,6 +298,68 @@ def generate(source: Optional[str] = typer.Argument(None, help="checkpoint, HF d
     text = _run(run, source, prompt, max_new_tokens=max_new_tokens, device=device, trust_remote_code=trust_remote_code,
                 backend=backend, engine=not hf, note=lambda s: err.print(f"note: {s}", highlight=False))
     print(prompt + text)
+
+
+@app.command()
+def bench(
+    checkpoint: Optional[str] = typer.Argument(None, help="an slq checkpoint DIR (or use --shape)"),
+    shape: Optional[str] = typer.Option(None, "--shape", help="synthetic random weights: llama3-8b, llama3-3b, "
+                                        "llama3-1b, qwen2.5-7b, qwen2.5-1.5b, qwen3-8b, tiny"),
+    bits: str = typer.Option("2,3,4,5,6,7,8", "--bits", help="comma list of bitwidths (--shape)"),
+    plan: Optional[str] = typer.Option("dl,tl", "--plan", help="comma list: dl (~5.5 b/p), tl (~3.5 b/p), or a "
+                                       "JSON unit->bits FILE; 'none' for no mixed plans (--shape)"),
+    backends: str = typer.Option("reference,triton,humming", "--backends", help="unavailable ones are skipped"),
+    batch: str = typer.Option("1,16", "--batch", help="comma list of batch sizes (GEMV/GEMM rows)"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="decoder layers of the synthetic model"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write every row as JSON here"),
+    group_size: str = typer.Option("128", "--group-size", "-g"),
+    prompt_len: int = typer.Option(32, "--prompt-len"),
+    new_tokens: int = typer.Option(32, "--new-tokens"),
+    iters: Optional[int] = typer.Option(None, "--iters", help="timed repetitions (default 20 on GPU, 3 on CPU)"),
+    repeats: int = typer.Option(3, "--repeats", help="timed decode runs per row (median)"),
+    measure: str = typer.Option("layer,stack,decode", "--measure"),
+    device: str = typer.Option("auto", "--device"),
+):
+    """Decode speed: per-layer GEMV/GEMM, the linear stack, end-to-end tokens/s, beside FP16 and the roofline."""
+    from .benchmark import run
+
+    res = _run(lambda: run(shape=shape, checkpoint=checkpoint, bits=bits,
+                           plans=None if (plan or "").lower() == "none" else plan, backends=backends, batches=batch,
+                           layers=layers, json_out=json_out, group_size=_group(group_size), prompt_len=prompt_len,
+                           new_tokens=new_tokens, iters=iters, repeats=repeats, device=device, measure=measure,
+                           log=lambda m: err.print(m, highlight=False)))
+    print_bench(res)
+    if json_out is not None:
+        console.print(f"wrote {json_out}")
+
+
+def print_bench(res: dict) -> None:
+    bw = res["bandwidth"]
+    console.print(f"{res['device'].get('name')} ({res['device']['type']}): peak {bw['GBps']:.1f} GB/s "
+                  f"({bw['method']}); git {res['git_commit'][:12]}", highlight=False)
+    for kind, unit in (("decode", "tok/s"), ("stack", "ms")):
+        rows = [r for r in res["rows"] if r["kind"] == kind]
+        if not rows:
+            continue
+        t = Table(title=f"{kind}: " + ("end-to-end greedy decode (slq.decode)" if kind == "decode"
+                                       else "all linears of all layers" + (" in one CUDA graph" if
+                                                                           res["device"]["type"] == "cuda" else "")))
+        for c in ("variant", "backend", "bits/param", "batch", unit, f"FP16 {unit}", "speedup", "% roofline"):
+            t.add_column(c, justify="left" if c in ("variant", "backend") else "right")
+        for r in rows:
+            val = r["tokens_per_s"] if kind == "decode" else r["ms"]
+            fp = r.get("fp16_tokens_per_s") if kind == "decode" else r.get("fp16_ms")
+            t.add_row(str(r["variant"]), r["backend"], f"{r['bits_per_param']:.3f}", str(r["M"]), f"{val:.3f}",
+                      "-" if fp is None else f"{fp:.3f}", "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x",
+                      f"{r['pct_roofline']:.1f}%")
+        console.print(t)
+    n_layer = sum(r["kind"] == "layer" for r in res["rows"])
+    if n_layer:
+        console.print(f"{n_layer} per-layer rows in the JSON (kind = layer)")
+    for s in res.get("skipped", []):
+        console.print(f"skipped {s['backend']}: {s['reason']}", highlight=False)
+    for e in res.get("errors", []):
+        console.print(f"recorded error: {e}", highlight=False)
 
 
 def main():  # pragma: no cover

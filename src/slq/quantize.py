@@ -113,6 +113,11 @@ def quantize_model(
                 t = time.perf_counter()
                 hessians = collect_hessians(layer, batches, list(names.values()))
                 timings["hessian_s"] += time.perf_counter() - t
+            if method == "gptq" and not sequential and i + 1 < len(layers):
+                # non-sequential: the next layer sees the outputs of this layer *unquantized*
+                t = time.perf_counter()
+                next_batches = run_layer(layer, batches)
+                timings["forward_s"] += time.perf_counter() - t
             t = time.perf_counter()
             weights = {}
             for full, r in names.items():
@@ -160,10 +165,13 @@ def quantize_model(
                 lin.weight.data.copy_(W_hat.to(lin.weight.dtype))
                 qweights[full] = q
             timings["solve_s"] += time.perf_counter() - t
-            if method == "gptq" and sequential and i + 1 < len(layers):
-                t = time.perf_counter()
-                batches = run_layer(layer, batches)
-                timings["forward_s"] += time.perf_counter() - t
+            if method == "gptq" and i + 1 < len(layers):
+                if sequential:
+                    t = time.perf_counter()
+                    batches = run_layer(layer, batches)
+                    timings["forward_s"] += time.perf_counter() - t
+                else:
+                    batches = next_batches
             bar.advance(task)
     timings["total_s"] = time.perf_counter() - t0
     return QuantizeResult(qweights, plan, timings)

@@ -100,6 +100,346 @@ def run_estimator(name, model, bank, prober, sens_windows, *, probe_bits, orderi
     raise SlqError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
 
 
+class SearchSession:
+    """Everything the search needs, prepared once: reference, bank, prober, sensitivities, EAR map,
+    and the reference's logits on the verification windows. Targets, baselines and frontiers then
+    cost one candidate pass per measurement (benchmarks run many targets on one session)."""
+
+    def __init__(self, model=None, *, bitwidths=DEFAULT_BITWIDTHS, units="fused", estimator="linear",
+                 group_size=128, symmetric=False, method="gptq", calib=None, calib_samples=32, seq_len=512,
+                 sens_windows=8, sens_seq_len=None, verify_windows=16, verify_data=None, probe_bits=(4,),
+                 orderings=2, fisher_draws=1, map_bits=(4, 5, 6, 7, 8), clip=True, device="cpu", seed=0,
+                 workdir=None, progress=True, trust_remote_code=False):
+        from .api import open_model
+        from .models import check_finite, is_slq_checkpoint
+
+        self.t_start = time.perf_counter()
+        if estimator not in ESTIMATORS:
+            raise SlqError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        bitwidths = tuple(sorted(set(int(b) for b in bitwidths)))
+        self.allow16 = KEEP_BITS in bitwidths
+        self.quant_bits = tuple(b for b in bitwidths if b != KEEP_BITS)
+        bad = [b for b in self.quant_bits if not 2 <= b <= 8]
+        if bad or not self.quant_bits:
+            raise SlqError(f"--bitwidths must be values in 2..8 (and 16 for 'keep'), got {list(bitwidths)}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise SlqError("--device cuda was asked for but CUDA is not available")
+        if sens_windows < 1 or verify_windows < 1 or calib_samples < sens_windows:
+            raise SlqError("need --verify-windows >= 1 and 1 <= --sens-windows <= --calib-samples")
+        for b in probe_bits:
+            if b not in self.quant_bits:
+                raise SlqError(f"probe bitwidth {b} is not among --bitwidths")
+        self.bitwidths, self.units_mode, self.group_size, self.symmetric = bitwidths, units, group_size, symmetric
+        self.method, self.calib, self.calib_samples, self.seq_len = method, calib, calib_samples, seq_len
+        self.verify_windows_n, self.verify_data, self.probe_bits = verify_windows, verify_data, tuple(probe_bits)
+        self.orderings, self.fisher_draws, self.clip, self.device, self.seed = orderings, fisher_draws, clip, device, seed
+        self.progress = progress
+        torch.manual_seed(seed)
+
+        self.model, self.tok, self.path = open_model(model, device=device, trust_remote_code=trust_remote_code)
+        if is_slq_checkpoint(self.path):
+            raise SlqError(f"{self.path} is already a quantized checkpoint; search from the reference model instead")
+        check_finite(self.model)
+        self.units = build_units(self.model, units)
+        self.n_params = sum(u.n_params for u in self.units)
+        self.timings: dict[str, float] = {}
+
+        t = time.perf_counter()
+        m, tok = self.model, self.tok
+        self.calib_w = windows_from_source(calib, m, tok, n=calib_samples, seq_len=seq_len, seed=seed, device=device,
+                                           progress=progress)
+        if verify_data is None:
+            self.verify_w = windows_from_source(calib, m, tok, n=verify_windows, seq_len=seq_len, skip=calib_samples,
+                                                seed=seed, device=device, progress=progress)
+        else:  # another source: held out by construction (e.g. WikiText-2 test against C4 calibration)
+            self.verify_w = windows_from_source(verify_data, m, tok, n=verify_windows, seq_len=seq_len,
+                                                seed=seed + 1, device=device, progress=progress)
+        self.sens_w = self.calib_w[:sens_windows, : (sens_seq_len or seq_len)]
+        self.timings["data_s"] = time.perf_counter() - t
+
+        if workdir is None:
+            from .models import cache_dir
+
+            workdir = cache_dir() / "work" / _cache_key(str(self.path), method, group_size, symmetric, self.quant_bits,
+                                                        units, calib, calib_samples, seq_len, seed, clip)
+        self.workdir = Path(workdir)
+        self.bank = build_bank(m, self.units, self.calib_w, self.workdir / "bank", bitwidths=self.quant_bits,
+                               group_size=group_size, symmetric=symmetric, method=method, clip=clip, device=device,
+                               progress=progress)
+        self.timings["bank_s"] = self.bank.timings["bank_s"]
+
+        t = time.perf_counter()
+        self.ref_verify = CachedLogits().record(m, self.verify_w, device=device)
+        self.timings["reference_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        self.prober = Prober(m, self.bank, self.sens_w, device=device)
+        self.uniform_sens = []
+        for b in (x for x in map_bits if x in self.quant_bits):
+            self.prober.set({u.name: b for u in self.units})
+            kl_m, tv_m = self.prober.measure()
+            self.uniform_sens.append({"bits": b, "kl": kl_m, "tv": tv_m})
+        self.prober.reset()
+        self.timings["prober_s"] = time.perf_counter() - t
+        self.sens = self.estimate(estimator)
+        self.choices = list(self.quant_bits) + ([KEEP_BITS] if self.allow16 else [])
+        self.ref_tasks = None
+
+    # ---------------------------------------------------------------- sensitivities
+
+    def estimate(self, estimator: str) -> Sensitivity:
+        """Run (or read back from the work directory) an estimator; it becomes the active one."""
+        t = time.perf_counter()
+        fp = json.loads((self.bank.workdir / "bank.json").read_text())["fingerprint"]
+        key = _cache_key(tuple(self.sens_w.shape), self.sens_w.sum().item(), self.probe_bits, self.orderings,
+                         self.fisher_draws, self.seed, fp)
+        path = self.workdir / f"sensitivity-{estimator}-{key}.json"
+        if path.exists():
+            sens = Sensitivity.from_dict(json.loads(path.read_text()))
+        else:
+            sens = run_estimator(estimator, self.model, self.bank, self.prober, self.sens_w, probe_bits=self.probe_bits,
+                                 orderings=self.orderings, fisher_draws=self.fisher_draws, seed=self.seed,
+                                 device=self.device, progress=self.progress)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(sens.to_dict()))
+            tmp.replace(path)
+        self.bank.restore(self.model)
+        self.prober.reset()
+        self.sens = sens
+        for p in self.uniform_sens:
+            p["predicted_kl"] = math.fsum(sens.kl[u.name][p["bits"]] for u in self.units)
+        points = [(p["kl"], p["tv"]) for p in self.uniform_sens] + [(p["kl"], p["tv"]) for p in sens.probes]
+        self.emap = EarMap().fit(points)
+        self.timings["sensitivity_s"] = time.perf_counter() - t + self.timings.get("prober_s", 0.0)
+        return sens
+
+    # ---------------------------------------------------------------- allocations
+
+    def solve(self, *, budget_bpp=None, max_kl=None):
+        return _solve(self.bank, self.sens, self.choices, budget_bpp=budget_bpp, max_kl=max_kl, n_params=self.n_params)
+
+    def uniform(self, bits: int) -> dict[str, int]:
+        return {u.name: bits for u in self.units}
+
+    def bits_per_param(self, alloc) -> float:
+        return allocation_bits(self.bank, alloc)[0] / self.n_params
+
+    def predicted(self, alloc) -> dict:
+        return _predicted(self.bank, self.sens, self.emap, alloc)
+
+    def measure(self, alloc):
+        """The allocation assembled from the bank, compared with the reference on the verification windows."""
+        self.bank.apply(self.model, alloc)
+        return compare_windows(self.ref_verify, self.model, self.verify_w, device=self.device, progress=False,
+                               seed=self.seed)
+
+    def _tasks(self, names, task_limit, task_dir):
+        from .tasks import load_task, score_task
+
+        items = {n: load_task(n, task_dir, task_limit) for n in names}
+        score = lambda: {n: score_task(self.model, self.tok, n, its, device=self.device, progress=self.progress)  # noqa: E731
+                         for n, its in items.items()}
+        return score
+
+    # ---------------------------------------------------------------- targets
+
+    def run(self, target="dl", *, ear=0.99, recovery=0.99, bits=None, tasks=None, task_limit=200, task_dir=None,
+            tolerance=0.01, max_rounds=4) -> dict:
+        """Rounds of allocate -> assemble -> measure for one target; returns {rounds, accepted, anchor}."""
+        from .tasks import compare_tasks
+
+        if target not in TARGETS:
+            raise SlqError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+        if target == "bits" and bits is None:
+            raise SlqError("target 'bits' needs a bits-per-parameter budget")
+        if not 0 < ear < 1 or not 0 < recovery <= 1:
+            raise SlqError(f"--ear must be in (0, 1) and --recovery in (0, 1], got {ear}, {recovery}")
+        if target == "tl" and 4 not in self.quant_bits:
+            raise SlqError("the task-lossless target calibrates at a uniform 4-bit anchor: include 4 in --bitwidths")
+        if target == "bits":
+            lo = self.bits_per_param(self.uniform(min(self.quant_bits)))
+            if bits < lo:
+                raise SlqError(f"--bits {bits} is below the smallest reachable {lo:.4f} bits/param "
+                               f"(all units at {min(self.quant_bits)} bits)")
+        t_run = time.perf_counter()
+        timings = {"solve_s": 0.0, "verify_s": 0.0}
+        anchor = None
+        if target == "tl":
+            t = time.perf_counter()
+            score = self._tasks(list(tasks or DEFAULT_TASKS), task_limit, task_dir)
+            if self.ref_tasks is None:
+                self.bank.restore(self.model)
+                self.ref_tasks = score()
+            self.prober.set(self.uniform(4))
+            kl4, _ = self.prober.measure()
+            self.prober.reset()
+            self.bank.apply(self.model, self.uniform(4))
+            a_tasks = compare_tasks(self.ref_tasks, score(), tolerance=tolerance, seed=self.seed)
+            avg = a_tasks["average"]
+            rec4 = avg["acc_candidate"] / max(avg["acc_reference"], 1e-12)
+            loss4 = max(1.0 - rec4, 1e-3 * (1.0 - recovery))
+            alpha = loss4 / max(kl4, 1e-30)
+            kl_budget = (1.0 - recovery) / alpha
+            anchor = {"bits": 4, "bits_per_param": self.bits_per_param(self.uniform(4)), "kl": kl4,
+                      "recovery": rec4, "alpha": alpha, "tasks": a_tasks, "loss_used": loss4, "kl_budget": kl_budget}
+            timings["anchor_s"] = time.perf_counter() - t
+        elif target == "dl":
+            kl_budget = self.emap.kl_for(ear)
+        else:
+            kl_budget = None
+
+        rounds, accepted = [], None
+        for r in range(1 if target == "bits" else max_rounds):
+            t = time.perf_counter()
+            if target == "bits":
+                alloc, sol = self.solve(budget_bpp=bits)
+                solver, status = sol.solver, sol.status
+            else:
+                try:
+                    alloc, sol = self.solve(max_kl=kl_budget)
+                    solver, status = sol.solver, sol.status
+                except SlqError:  # below what the top bitwidth reaches (16 not allowed): take the top
+                    alloc, solver, status = self.uniform(max(self.choices)), "none", "budget below the top bitwidth"
+            timings["solve_s"] += time.perf_counter() - t
+            t = time.perf_counter()
+            fid = self.measure(alloc)
+            rec = {"round": r + 1, "kl_budget": kl_budget, "predicted": self.predicted(alloc),
+                   "bits_per_param": self.bits_per_param(alloc), "solver": solver, "solver_status": status,
+                   "measured": _fid_summary(fid)}
+            lb = fid.ear_ci95[0]
+            if target == "dl":
+                rec["accepted"] = bool(lb >= ear)
+            elif target == "tl":
+                rec["tasks"] = compare_tasks(self.ref_tasks, score(), tolerance=tolerance, seed=self.seed)
+                rec["accepted"] = bool(rec["tasks"]["average"]["lossless"])
+            else:
+                rec["accepted"] = True
+            timings["verify_s"] += time.perf_counter() - t
+            rec["allocation"] = alloc
+            rounds.append(rec)
+            if rec["accepted"]:
+                accepted = rec
+                break
+            if target == "dl":
+                shortfall = (1.0 - ear) / max(1.0 - lb, 1e-12)
+                kl_budget = min(kl_budget * 0.9, kl_budget * 0.9 * shortfall ** (1.0 / self.emap.beta))
+            else:
+                kl_budget *= 0.5
+        timings["run_s"] = time.perf_counter() - t_run
+        return {"target": {"kind": target, "ear": ear if target == "dl" else None,
+                           "recovery": recovery if target == "tl" else None, "bits": bits if target == "bits" else None,
+                           "tolerance": tolerance if target == "tl" else None},
+                "rounds": rounds, "accepted": accepted, "final": accepted or rounds[-1], "anchor": anchor,
+                "timings": timings}
+
+    def baselines(self, bits_list) -> list[dict]:
+        rows = []
+        for b in bits_list:
+            if b not in self.quant_bits:
+                continue
+            a = self.uniform(b)
+            fid = self.measure(a)
+            rows.append({"bits": b, "bits_per_param": self.bits_per_param(a), "measured": _fid_summary(fid),
+                         "predicted": self.predicted(a)})
+        return rows
+
+    def frontier(self, step: float = 0.25) -> list[dict]:
+        rows = []
+        lo = self.bits_per_param(self.uniform(min(self.quant_bits)))
+        hi = self.bits_per_param(self.uniform(max(self.choices)))
+        b = math.ceil(lo / step) * step
+        while b <= hi + 1e-9:
+            a, _ = self.solve(budget_bpp=b)
+            rows.append({"budget": b, "bits_per_param": self.bits_per_param(a), **self.predicted(a)})
+            b += step
+        return rows
+
+    # ---------------------------------------------------------------- output
+
+    def report(self, result: dict, baselines: list[dict], frontier: list[dict]) -> dict:
+        from .api import _other_params, build_report
+        from .grid import gamma_stats
+
+        final = result["final"]
+        alloc = final["allocation"]
+        plan = Plan()
+        mods = dict(self.model.named_modules())
+        for u in self.units:
+            bu = alloc[u.name]
+            if bu == KEEP_BITS:
+                continue
+            for m in u.members:
+                N, K = mods[m].weight.shape
+                g, note = resolve_group_size(K, self.group_size)
+                lp = LayerPlan(m, N, K, QuantSpec(bu, g, self.symmetric), self.group_size, note, self.method)
+                lp.gamma_mean, lp.gamma2_mean = gamma_stats(self.bank.original[m], lp.spec.effective_group(K))
+                lp.metrics["unit"] = u.name
+                lp.metrics["rel_output_error_unit"] = self.bank.t[u.name][bu]
+                plan.add(lp)
+        report = build_report(self.model, self.path, plan, QuantSpec(max(self.quant_bits), self.group_size,
+                                                                     self.symmetric),
+                              method=self.method, calib=self.calib or GENERATED, calib_samples=self.calib_samples,
+                              seq_len=self.seq_len, clip=self.clip, seed=self.seed, device=self.device)
+        report["settings"].update({
+            "search": True, "bits": None, "target": result["target"]["kind"], "estimator": self.sens.estimator,
+            "units": self.units_mode, "bitwidths": list(self.bitwidths), "sens_windows": int(self.sens_w.shape[0]),
+            "sens_seq_len": int(self.sens_w.shape[1]), "verify_windows": self.verify_windows_n,
+            "verify_data": self.verify_data or "calibration source, windows after the calibration ones",
+            "probe_bits": list(self.probe_bits), "orderings": self.orderings, "fisher_draws": self.fisher_draws,
+            "workdir": str(self.workdir)})
+        total, _ = allocation_bits(self.bank, alloc)
+        other = _other_params(self.model, {m for u in self.units for m in u.members})
+        n_other = sum(n for n, _ in other.values())
+        report.update({
+            "target": result["target"],
+            "verified": result["accepted"] is not None,
+            "bits_per_param": total / self.n_params,
+            "bits_per_param_model": (total + sum(n * bb for n, bb in other.values())) / (self.n_params + n_other),
+            "bits_per_param_quantized_only": plan.bits_per_param() if len(plan) else None,
+            "n_params_allocated": self.n_params,
+            "n_params_kept_16bit": sum(u.n_params for u in self.units if alloc[u.name] == KEEP_BITS),
+            "predicted": final["predicted"],
+            "measured": final["measured"],
+            "allocation": alloc,
+            "bits_histogram": {str(b): sum(u.n_params for u in self.units if alloc[u.name] == b) / self.n_params
+                               for b in self.choices},
+            "rounds": result["rounds"],
+            "anchor": result["anchor"],
+            "ear_map": self.emap.to_dict(),
+            "sensitivity": {"estimator": self.sens.estimator, "seconds": self.sens.seconds,
+                            "forward_calls": self.sens.forward_calls, "details": self.sens.details,
+                            "uniform_check": self.uniform_sens,
+                            "kl": {u: {str(b): v for b, v in d.items()} for u, d in self.sens.kl.items()}},
+            "baselines": baselines,
+            "frontier": frontier,
+            "units": [{"name": u.name, "layer": u.layer, "kind": u.kind, "members": list(u.members),
+                       "n_params": u.n_params, "K": u.K} for u in self.units],
+        })
+        timings = dict(self.timings)
+        timings["solve_s"] = result["timings"]["solve_s"]
+        timings["verify_s"] = result["timings"]["verify_s"]
+        if "anchor_s" in result["timings"]:
+            timings["anchor_s"] = result["timings"]["anchor_s"]
+        timings["total_s"] = time.perf_counter() - self.t_start
+        report["timings"] = timings
+        return report
+
+    def save(self, report: dict, out, *, force=False, plots=True) -> None:
+        from .checkpoint import save_checkpoint
+        from .search_report import write_reports
+
+        t = time.perf_counter()
+        alloc = report["allocation"]
+        self.bank.apply(self.model, alloc)
+        kept = {m for u in self.units if alloc[u.name] == KEEP_BITS for m in u.members}
+        self.model.cpu()
+        extra = write_reports(report, plots=plots)
+        save_checkpoint(out, self.model, self.tok, self.bank.qweights(alloc), report, force=force, half_modules=kept,
+                        extra_files=extra)
+        self.model.to(self.device)
+        report["timings"]["save_s"] = time.perf_counter() - t
+
+
 def search(
     model: str | None = None,
     *,
@@ -111,298 +451,33 @@ def search(
     task_limit: int | None = 200,
     task_dir: str | None = None,
     tolerance: float = 0.01,
-    bitwidths: tuple[int, ...] = DEFAULT_BITWIDTHS,
-    units: str = "fused",
-    estimator: str = "linear",
-    group_size: int | None = 128,
-    symmetric: bool = False,
-    method: str = "gptq",
-    calib: str | None = None,
-    calib_samples: int = 32,
-    seq_len: int = 512,
-    sens_windows: int = 8,
-    sens_seq_len: int | None = None,
-    verify_windows: int = 16,
-    probe_bits: tuple[int, ...] = (4,),
-    orderings: int = 2,
-    fisher_draws: int = 1,
     max_rounds: int = 4,
     baselines: tuple[int, ...] | None = None,
-    map_bits: tuple[int, ...] = (4, 5, 6, 7, 8),
-    clip: bool = True,
-    device: str = "cpu",
-    seed: int = 0,
-    workdir: str | Path | None = None,
     out: str | Path | None = None,
     force: bool = False,
-    progress: bool = True,
-    trust_remote_code: bool = False,
     plots: bool = True,
+    **session,
 ) -> dict:
     """Run the search and (with ``out``) write the mixed-bitwidth checkpoint and its reports.
 
-    Returns the report (also ``slq_report.json`` in ``out``). See the module docstring.
+    ``session`` holds the :class:`SearchSession` settings (bitwidths, units, estimator, group_size,
+    symmetric, method, calib, calib_samples, seq_len, sens_windows, sens_seq_len, verify_windows,
+    verify_data, probe_bits, orderings, fisher_draws, clip, device, seed, workdir, progress,
+    trust_remote_code). Returns the report (also ``slq_report.json`` in ``out``).
     """
-    from .api import _other_params, build_report, open_model
-    from .models import check_finite, is_slq_checkpoint
-
-    t_start = time.perf_counter()
     if target not in TARGETS:
         raise SlqError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if estimator not in ESTIMATORS:
-        raise SlqError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     if target == "bits" and bits is None:
         raise SlqError("target 'bits' needs a bits-per-parameter budget")
-    if not 0 < ear < 1 or not 0 < recovery <= 1:
-        raise SlqError(f"--ear must be in (0, 1) and --recovery in (0, 1], got {ear}, {recovery}")
-    bitwidths = tuple(sorted(set(int(b) for b in bitwidths)))
-    allow16 = KEEP_BITS in bitwidths
-    quant_bits = tuple(b for b in bitwidths if b != KEEP_BITS)
-    bad = [b for b in quant_bits if not 2 <= b <= 8]
-    if bad or not quant_bits:
-        raise SlqError(f"--bitwidths must be values in 2..8 (and 16 for 'keep'), got {list(bitwidths)}")
-    if target == "tl" and 4 not in quant_bits:
-        raise SlqError("the task-lossless target calibrates at a uniform 4-bit anchor: include 4 in --bitwidths")
     if out is not None and Path(out).exists() and not force:
         raise SlqError(f"output directory {out} exists; pass --force to replace it")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SlqError("--device cuda was asked for but CUDA is not available")
-    if sens_windows < 1 or verify_windows < 1 or calib_samples < sens_windows:
-        raise SlqError("need --verify-windows >= 1 and 1 <= --sens-windows <= --calib-samples")
-    for b in probe_bits:
-        if b not in quant_bits:
-            raise SlqError(f"probe bitwidth {b} is not among --bitwidths")
-    torch.manual_seed(seed)
-
-    ref_model, tok, path = open_model(model, device=device, trust_remote_code=trust_remote_code)
-    if is_slq_checkpoint(path):
-        raise SlqError(f"{path} is already a quantized checkpoint; search from the reference model instead")
-    check_finite(ref_model)
-    unit_list = build_units(ref_model, units)
-    n_params = sum(u.n_params for u in unit_list)
-    if target == "bits":
-        lo = sum(storage_bits(u, min(quant_bits), group_size, symmetric) for u in unit_list) / n_params
-        if bits < lo:
-            raise SlqError(f"--bits {bits} is below the smallest reachable {lo:.4f} bits/param "
-                           f"(all units at {min(quant_bits)} bits)")
-
-    timings: dict[str, float] = {}
+    s = SearchSession(model, **session)
+    result = s.run(target, ear=ear, recovery=recovery, bits=bits, tasks=tasks, task_limit=task_limit,
+                   task_dir=task_dir, tolerance=tolerance, max_rounds=max_rounds)
     t = time.perf_counter()
-    calib_w = windows_from_source(calib, ref_model, tok, n=calib_samples, seq_len=seq_len, seed=seed, device=device,
-                                  progress=progress)
-    verify_w = windows_from_source(calib, ref_model, tok, n=verify_windows, seq_len=seq_len, skip=calib_samples,
-                                   seed=seed, device=device, progress=progress)
-    sens_w = calib_w[:sens_windows, : (sens_seq_len or seq_len)]
-    timings["data_s"] = time.perf_counter() - t
-
-    if workdir is None:
-        from .models import cache_dir
-
-        workdir = cache_dir() / "work" / _cache_key(str(path), method, group_size, symmetric, quant_bits, units,
-                                                    calib, calib_samples, seq_len, seed, clip)
-    workdir = Path(workdir)
-    bank = build_bank(ref_model, unit_list, calib_w, workdir / "bank", bitwidths=quant_bits, group_size=group_size,
-                      symmetric=symmetric, method=method, clip=clip, device=device, progress=progress)
-    timings["bank_s"] = bank.timings["bank_s"]
-
-    # the reference on the verification windows, once (every round and baseline replays it)
-    t = time.perf_counter()
-    ref_verify = CachedLogits().record(ref_model, verify_w, device=device)
-    timings["reference_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    prober = Prober(ref_model, bank, sens_w, device=device)
-    sens_path = workdir / f"sensitivity-{estimator}-{_cache_key(sens_w.shape, probe_bits, orderings, fisher_draws, seed, bank.workdir.name, json.loads((bank.workdir / 'bank.json').read_text())['fingerprint'])}.json"
-    if sens_path.exists():
-        sens = Sensitivity.from_dict(json.loads(sens_path.read_text()))
-    else:
-        sens = run_estimator(estimator, ref_model, bank, prober, sens_w, probe_bits=probe_bits, orderings=orderings,
-                             fisher_draws=fisher_draws, seed=seed, device=device, progress=progress)
-        tmp = sens_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sens.to_dict()))
-        tmp.replace(sens_path)
-    # whole-model points for the KL -> EAR map, and a check of the additive prediction: uniform assemblies
-    uniform_sens = []
-    for b in (x for x in map_bits if x in quant_bits):
-        prober.set({u.name: b for u in unit_list})
-        kl_m, tv_m = prober.measure()
-        uniform_sens.append({"bits": b, "kl": kl_m, "tv": tv_m,
-                             "predicted_kl": math.fsum(sens.kl[u.name][b] for u in unit_list)})
-    prober.reset()
-    points = [(p["kl"], p["tv"]) for p in uniform_sens] + [(p["kl"], p["tv"]) for p in sens.probes]
-    emap = EarMap().fit(points)
-    timings["sensitivity_s"] = time.perf_counter() - t
-
-    choices = _choices(bank, allow16)
-    rounds: list[dict] = []
-    timings["solve_s"] = timings["verify_s"] = 0.0
-    accepted = None
-    anchor = None
-    ref_tasks = None
-
-    def measure(alloc):
-        bank.apply(ref_model, alloc)
-        fid = compare_windows(ref_verify, ref_model, verify_w, device=device, progress=False, seed=seed)
-        return fid
-
-    if target == "tl":
-        from .tasks import compare_tasks, load_task, score_task
-
-        t = time.perf_counter()
-        bank.restore(ref_model)
-        names = list(tasks or DEFAULT_TASKS)
-        items = {n: load_task(n, task_dir, task_limit) for n in names}
-        ref_tasks = {n: score_task(ref_model, tok, n, its, device=device, progress=progress) for n, its in items.items()}
-        prober.set({u.name: 4 for u in unit_list})
-        kl4, _ = prober.measure()
-        prober.reset()
-        bank.apply(ref_model, {u.name: 4 for u in unit_list})
-        a_tasks = compare_tasks(ref_tasks, {n: score_task(ref_model, tok, n, its, device=device, progress=progress)
-                                            for n, its in items.items()}, tolerance=tolerance, seed=seed)
-        avg = a_tasks["average"]
-        rec4 = avg["acc_candidate"] / max(avg["acc_reference"], 1e-12)
-        loss4 = max(1.0 - rec4, 1e-3 * (1.0 - recovery))
-        alpha = loss4 / max(kl4, 1e-30)
-        kl_budget = (1.0 - recovery) / alpha
-        anchor = {"bits": 4, "kl": kl4, "recovery": rec4, "alpha": alpha, "tasks": a_tasks,
-                  "loss_used": loss4, "kl_budget": kl_budget}
-        timings["anchor_s"] = time.perf_counter() - t
-    elif target == "dl":
-        kl_budget = emap.kl_for(ear)
-    else:
-        kl_budget = None
-
-    for r in range(1 if target == "bits" else max_rounds):
-        t = time.perf_counter()
-        if target == "bits":
-            alloc, sol = _solve(bank, sens, choices, budget_bpp=bits, n_params=n_params)
-        else:
-            try:
-                alloc, sol = _solve(bank, sens, choices, max_kl=kl_budget)
-            except SlqError:  # budget below what the top bitwidth reaches (no 16 allowed): take the top
-                alloc = {u.name: max(choices) for u in unit_list}
-                sol = type("S", (), {"solver": "none (budget below the top bitwidth)", "status": "infeasible"})()
-        timings["solve_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        fid = measure(alloc)
-        total, _ = allocation_bits(bank, alloc)
-        rec = {"round": r + 1, "kl_budget": kl_budget, "predicted": _predicted(bank, sens, emap, alloc),
-               "bits_per_param": total / n_params, "solver": sol.solver, "solver_status": sol.status,
-               "measured": _fid_summary(fid)}
-        lb = fid.ear_ci95[0]
-        if target == "dl":
-            rec["accepted"] = lb >= ear
-        elif target == "tl":
-            rec["tasks"] = compare_tasks(ref_tasks, {n: score_task(ref_model, tok, n, its, device=device,
-                                                                   progress=progress) for n, its in items.items()},
-                                         tolerance=tolerance, seed=seed)
-            rec["accepted"] = bool(rec["tasks"]["average"]["lossless"])
-        else:
-            rec["accepted"] = True
-        timings["verify_s"] += time.perf_counter() - t
-        rec["allocation"] = alloc
-        rounds.append(rec)
-        if rec["accepted"]:
-            accepted = rec
-            break
-        if target == "dl":
-            shortfall = (1.0 - ear) / max(1.0 - lb, 1e-12)
-            kl_budget = min(kl_budget * 0.9, kl_budget * 0.9 * shortfall ** (1.0 / emap.beta))
-        else:
-            kl_budget *= 0.5
-    final = accepted or rounds[-1]
-    alloc = final["allocation"]
-
-    # uniform baselines on the same verification windows (for the report's plot and table)
-    base_rows = []
-    for b in (baselines if baselines is not None else tuple(x for x in quant_bits if x >= 3)):
-        if b not in quant_bits:
-            continue
-        t = time.perf_counter()
-        fid = measure({u.name: b for u in unit_list})
-        total, _ = allocation_bits(bank, {u.name: b for u in unit_list})
-        base_rows.append({"bits": b, "bits_per_param": total / n_params, "measured": _fid_summary(fid),
-                          "predicted": _predicted(bank, sens, emap, {u.name: b for u in unit_list})})
-        timings["verify_s"] += time.perf_counter() - t
-
-    # frontier of the predictions (budget -> predicted KL / EAR), for the plot
-    frontier = []
-    lo = allocation_bits(bank, {u.name: min(quant_bits) for u in unit_list})[0] / n_params
-    hi = allocation_bits(bank, {u.name: max(choices) for u in unit_list})[0] / n_params
-    b = math.ceil(lo * 4) / 4
-    while b <= hi + 1e-9:
-        a, _ = _solve(bank, sens, choices, budget_bpp=b, n_params=n_params)
-        frontier.append({"budget": b, "bits_per_param": allocation_bits(bank, a)[0] / n_params,
-                         **_predicted(bank, sens, emap, a)})
-        b += 0.25
-
-    # assemble the final model and write the checkpoint
-    bank.apply(ref_model, alloc)
-    qweights = bank.qweights(alloc)
-    kept = [m for u in unit_list if alloc[u.name] == KEEP_BITS for m in u.members]
-    plan = Plan()
-    mods = dict(ref_model.named_modules())
-    from .grid import gamma_stats
-
-    for u in unit_list:
-        bu = alloc[u.name]
-        if bu == KEEP_BITS:
-            continue
-        for m in u.members:
-            lin = mods[m]
-            N, K = lin.weight.shape
-            g, note = resolve_group_size(K, group_size)
-            lp = LayerPlan(m, N, K, QuantSpec(bu, g, symmetric), group_size, note, method)
-            lp.gamma_mean, lp.gamma2_mean = gamma_stats(bank.original[m], lp.spec.effective_group(K))
-            lp.metrics["unit"] = u.name
-            lp.metrics["rel_output_error_unit"] = bank.t[u.name][bu]
-            plan.add(lp)
-    report = build_report(ref_model, path, plan, QuantSpec(max(quant_bits), group_size, symmetric), method=method,
-                          calib=calib or GENERATED, calib_samples=calib_samples, seq_len=seq_len, clip=clip,
-                          seed=seed, device=device)
-    report["settings"].update({"search": True, "bits": None, "target": target, "estimator": estimator,
-                               "units": units, "bitwidths": list(bitwidths), "sens_windows": int(sens_w.shape[0]),
-                               "sens_seq_len": int(sens_w.shape[1]), "verify_windows": verify_windows,
-                               "probe_bits": list(probe_bits), "orderings": orderings, "fisher_draws": fisher_draws,
-                               "max_rounds": max_rounds, "workdir": str(workdir)})
-    total, _ = allocation_bits(bank, alloc)
-    other = _other_params(ref_model, {m for u in unit_list for m in u.members})
-    n_other = sum(n for n, _ in other.values())
-    report.update({
-        "target": {"kind": target, "ear": ear if target == "dl" else None,
-                   "recovery": recovery if target == "tl" else None, "bits": bits if target == "bits" else None,
-                   "tolerance": tolerance if target == "tl" else None},
-        "verified": bool(accepted is not None),
-        "bits_per_param": total / n_params,
-        "bits_per_param_model": (total + sum(n * bb for n, bb in other.values())) / (n_params + n_other),
-        "bits_per_param_quantized_only": plan.bits_per_param() if len(plan) else None,
-        "n_params_allocated": n_params,
-        "n_params_kept_16bit": sum(u.n_params for u in unit_list if alloc[u.name] == KEEP_BITS),
-        "predicted": final["predicted"],
-        "measured": final["measured"],
-        "allocation": alloc,
-        "bits_histogram": {str(b): sum(u.n_params for u in unit_list if alloc[u.name] == b) / n_params
-                           for b in choices},
-        "rounds": [{k: v for k, v in r.items() if k != "allocation"} | {"allocation": r["allocation"]} for r in rounds],
-        "anchor": anchor,
-        "ear_map": emap.to_dict(),
-        "sensitivity": {"estimator": estimator, "seconds": sens.seconds, "forward_calls": sens.forward_calls,
-                        "details": sens.details, "uniform_check": uniform_sens,
-                        "kl": {u: {str(b): v for b, v in d.items()} for u, d in sens.kl.items()}},
-        "baselines": base_rows,
-        "frontier": frontier,
-        "units": [{"name": u.name, "layer": u.layer, "kind": u.kind, "members": list(u.members),
-                   "n_params": u.n_params, "K": u.K} for u in unit_list],
-    })
-    timings["total_s"] = time.perf_counter() - t_start
-    report["timings"] = timings
+    base = s.baselines(baselines if baselines is not None else tuple(x for x in s.quant_bits if x >= 3))
+    result["timings"]["verify_s"] += time.perf_counter() - t
+    report = s.report(result, base, s.frontier())
     if out is not None:
-        from .checkpoint import save_checkpoint
-        from .search_report import write_reports
-
-        t = time.perf_counter()
-        ref_model.cpu()
-        extra = write_reports(report, plots=plots)
-        save_checkpoint(out, ref_model, tok, qweights, report, force=force, half_modules=set(kept), extra_files=extra)
-        report["timings"]["save_s"] = time.perf_counter() - t
+        s.save(report, out, force=force, plots=plots)
     return report

@@ -244,8 +244,9 @@ def shapley_estimator(prober: Prober, *, orderings: int = 2, bitwidths: tuple[in
                 mk[b], md[b] = mk[ref_b] * ratio, md[ref_b] * math.sqrt(ratio)
         mk[KEEP_BITS] = md[KEEP_BITS] = 0.0
         kl[u.name], tv[u.name] = monotone(mk), monotone(md)
+    raw = {str(b): math.fsum(sums_kl[n][b] for n in names) / orderings for b in bits_list}
     return Sensitivity("shapley", kl, tv, [], time.perf_counter() - t0, prober.calls - calls0,
-                       {"orderings": orderings, "bitwidths": list(bits_list), "seed": seed})
+                       {"orderings": orderings, "bitwidths": list(bits_list), "seed": seed, "raw_sum_kl": raw})
 
 
 def fisher_estimator(model: nn.Module, bank: Bank, windows: torch.Tensor, *, draws: int = 1, seed: int = 0,

@@ -1,0 +1,276 @@
+"""The SLQ bit search on stories260K: bank, prober, estimators, targets, checkpoint, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from slq.units import KEEP_BITS, build_units, storage_bits
+
+from conftest import TINY_TEXT, need
+
+GS = 32  # stories260K: K=64 takes g32, K=172 falls back to per-channel
+
+
+@pytest.fixture(scope="module")
+def text_windows(stories_dir):
+    from transformers import AutoTokenizer
+
+    from slq.data import load_text, token_windows
+
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    return token_windows(tok, load_text(str(need(TINY_TEXT))), 128, 24)
+
+
+def _bank(model, windows, workdir, bitwidths=(2, 4, 8), method="gptq"):
+    from slq.bank import build_bank
+
+    units = build_units(model)
+    return build_bank(model, units, windows, workdir, bitwidths=bitwidths, group_size=GS, method=method,
+                      progress=False)
+
+
+def test_bank_entry_is_plain_gptq_of_that_unit(stories, text_windows, tmp_path):
+    """A bank entry equals a one-bitwidth quantize_model run of the same (non-sequential) setting."""
+    from slq.quantize import quantize_model
+
+    model, _ = stories
+    bank = _bank(model, text_windows[:8], tmp_path / "bank")
+    for bits in (2, 8):
+        import copy
+
+        m2 = copy.deepcopy(model)
+        res = quantize_model(m2, None, specs={m: _spec(bank, u, bits) for u in bank.units for m in u.members},
+                             method="gptq", windows=text_windows[:8], sequential=False, progress=False)
+        for u in bank.units:
+            for m in u.members:
+                a, b = bank.qweight(u, m, bits), res.qweights[m]
+                agree = (a.codes == b.codes).float().mean().item()
+                assert agree > 0.999, f"{m} @ {bits}: {agree}"
+                assert torch.equal(a.scale, b.scale) or agree < 1
+    # the reference weights were not touched
+    for u in bank.units:
+        for m in u.members:
+            assert torch.equal(dict(model.named_modules())[m].weight.detach(), bank.original[m])
+
+
+def _spec(bank, unit, bits):
+    from slq.spec import QuantSpec
+
+    return QuantSpec(bits, GS, False)
+
+
+def test_resumed_bank_equals_uninterrupted(stories, text_windows, tmp_path, monkeypatch):
+    import slq.bank as bank_mod
+
+    model, _ = stories
+    full = _bank(model, text_windows[:8], tmp_path / "full")
+    real = bank_mod._bank_layer
+    calls = {"n": 0}
+
+    def flaky(layer, i, *a, **k):
+        if i == 2:
+            raise KeyboardInterrupt  # interrupted after two layers were written
+        calls["n"] += 1
+        return real(layer, i, *a, **k)
+
+    monkeypatch.setattr(bank_mod, "_bank_layer", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _bank(model, text_windows[:8], tmp_path / "resumed")
+    assert calls["n"] == 2
+    monkeypatch.setattr(bank_mod, "_bank_layer", real)
+    resumed = _bank(model, text_windows[:8], tmp_path / "resumed")
+    assert resumed.timings["layers_built"] == len({u.layer for u in resumed.units}) - 2
+    for f in sorted((tmp_path / "full").glob("layer_*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "resumed" / f.name).read_bytes(), f.name
+    assert resumed.t == full.t
+    # a different setting must not reuse the directory
+    from slq.errors import SlqError
+
+    with pytest.raises(SlqError, match="other settings"):
+        _bank(model, text_windows[:8], tmp_path / "full", bitwidths=(3, 4))
+
+
+def test_prober_matches_a_full_forward(stories, text_windows, tmp_path):
+    """Incremental re-computation from the first changed layer equals a whole-model comparison."""
+    import copy
+
+    from slq.fidelity import compare_windows
+    from slq.sensitivity import Prober
+
+    model, _ = stories
+    reference = copy.deepcopy(model)
+    bank = _bank(model, text_windows[:8], tmp_path / "bank")
+    sens = text_windows[:6]
+    prober = Prober(model, bank, sens)
+    assert prober.measure() == (0.0, 0.0)
+    last = bank.units[-1].name
+    changes = [{last: 2}, {bank.units[3].name: 4}, {last: KEEP_BITS}, {bank.units[0].name: 8}]
+    for ch in changes:
+        prober.set(ch)
+        kl, tv = prober.measure()
+        fid = compare_windows(reference, model, sens, progress=False)
+        assert kl == pytest.approx(fid.kl_pq_mean, rel=1e-4, abs=1e-9)
+        assert tv == pytest.approx(1 - fid.ear, rel=1e-4, abs=1e-9)
+    prober.reset()
+    for u in bank.units:
+        for m in u.members:
+            assert torch.equal(dict(model.named_modules())[m].weight.detach(), bank.original[m])
+
+
+def test_linear_estimator_predicts_uniform_assemblies(stories, text_windows, tmp_path):
+    from slq.sensitivity import Prober, linear_estimator
+
+    model, _ = stories
+    bank = _bank(model, text_windows[:8], tmp_path / "bank", bitwidths=(4, 6, 8))
+    prober = Prober(model, bank, text_windows[:8])
+    sens = linear_estimator(prober, probe_bits=(4,), progress=False)
+    for b in (6, 8):
+        prober.set({u.name: b for u in bank.units})
+        measured, _ = prober.measure()
+        predicted = sum(sens.kl[u.name][b] for u in bank.units)
+        assert 0.5 < predicted / measured < 2.0, (b, predicted, measured)
+    for u in bank.units:  # fewer bits never predicted cheaper
+        ks = [sens.kl[u.name][b] for b in (4, 6, 8, KEEP_BITS)]
+        assert ks == sorted(ks, reverse=True) and ks[-1] == 0.0
+
+
+def test_shapley_marginals_add_up_to_the_uniform_loss(stories, text_windows, tmp_path):
+    """Efficiency: along every ordering the marginals telescope to the all-units loss."""
+    from slq.sensitivity import Prober, shapley_estimator
+
+    model, _ = stories
+    bank = _bank(model, text_windows[:8], tmp_path / "bank", bitwidths=(4, 8))
+    prober = Prober(model, bank, text_windows[:6])
+    sens = shapley_estimator(prober, orderings=2, progress=False)
+    for b in (4, 8):
+        prober.set({u.name: b for u in bank.units})
+        measured, _ = prober.measure()
+        assert sens.details["raw_sum_kl"][str(b)] == pytest.approx(measured, rel=1e-6)
+
+
+def test_fisher_estimate_matches_measured_kl_at_high_bits(stories, text_windows, tmp_path):
+    """Second-order estimate vs measured KL of single units at 8 bits (small perturbations)."""
+    from slq.sensitivity import Prober, fisher_estimator
+
+    model, _ = stories
+    bank = _bank(model, text_windows[:8], tmp_path / "bank", bitwidths=(6, 8))
+    sens = fisher_estimator(model, bank, text_windows[:16], draws=2, progress=False)
+    prober = Prober(model, bank, text_windows[:16])
+    prober.set({u.name: 8 for u in bank.units})
+    measured, _ = prober.measure()
+    predicted = sum(sens.kl[u.name][8] for u in bank.units)
+    assert 0.4 < predicted / measured < 2.5, (predicted, measured)
+
+
+def test_ear_map_recovers_a_power_law():
+    from slq.sensitivity import EarMap
+
+    pts = [(k, 0.3 * k**0.55) for k in (1e-5, 1e-4, 1e-3, 1e-2)]
+    m = EarMap().fit(pts)
+    assert m.beta == pytest.approx(0.55, abs=1e-9) and m.c == pytest.approx(0.3, rel=1e-9)
+    assert m.ear(m.kl_for(0.99)) == pytest.approx(0.99, abs=1e-12)
+
+
+def _checkpoint_bits(out):
+    """Storage bits of the decoder linears, read back from the checkpoint itself."""
+    from safetensors import safe_open
+
+    from slq.checkpoint import read_specs
+
+    cfg = json.loads((out / "config.json").read_text())
+    specs = read_specs(cfg)
+    f = safe_open(str(out / "model.safetensors"), framework="pt")
+    total = n = 0
+    for key in f.keys():
+        mod = key.rsplit(".", 1)[0]
+        if key.endswith(".weight_shape") and mod in specs:
+            N, K = f.get_tensor(key).tolist()
+            s = specs[mod]
+            G = s.effective_group(K)
+            total += N * K * s.bits + (N * K // G) * (16 + (0 if s.symmetric else s.bits))
+            n += N * K
+        elif key.endswith(".weight") and ".layers." in key and "norm" not in key:
+            t = f.get_tensor(key)
+            assert t.dtype == torch.float16  # kept units are stored at 16 bits
+            total += 16 * t.numel()
+            n += t.numel()
+    return total, n, specs
+
+
+def _search(stories_dir, tmp_path, **kw):
+    from slq.search import search
+
+    args = dict(calib=str(need(TINY_TEXT)), calib_samples=12, seq_len=128, sens_windows=6, verify_windows=12,
+                group_size=GS, workdir=tmp_path / "work", out=tmp_path / "out", progress=False,
+                baselines=(4, 8), bitwidths=(2, 3, 4, 5, 6, 7, 8, 16))
+    args.update(kw)
+    return search(str(stories_dir), **args), args["out"]
+
+
+def test_budget_is_respected_exactly_and_fused_units_share_bits(stories_dir, tmp_path):
+    rep, out = _search(stories_dir, tmp_path, target="bits", bits=5.25)
+    total, n, specs = _checkpoint_bits(out)
+    assert n == rep["n_params_allocated"]
+    assert total <= math.floor(5.25 * n)
+    assert rep["bits_per_param"] == pytest.approx(total / n, abs=1e-12)
+    assert rep["bits_per_param"] > 4.5  # the budget is used, not wasted
+    for layer in range(5):
+        p = f"model.layers.{layer}."
+        qkv = {str(specs.get(p + f"self_attn.{x}_proj")) for x in "qkv"}
+        gu = {str(specs.get(p + f"mlp.{x}_proj")) for x in ("gate", "up")}
+        assert len(qkv) == 1 and len(gu) == 1, (layer, qkv, gu)
+    assert (out / "slq_report.md").is_file() and (out / "allocation.png").stat().st_size > 1000
+    assert (out / "frontier.png").stat().st_size > 1000
+
+
+def test_dl_search_meets_its_target_on_held_out_windows(stories_dir, tmp_path):
+    """Verified independently: the written checkpoint, loaded by slq.load, on the held-out windows."""
+    from transformers import AutoTokenizer
+
+    from slq.data import load_text, token_windows
+    from slq.evaluate import evaluate
+    from slq.models import load_model
+
+    rep, out = _search(stories_dir, tmp_path, target="dl", ear=0.99)
+    assert rep["verified"], rep["rounds"]
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    held_out = token_windows(tok, load_text(str(need(TINY_TEXT))), 128, 12, skip=12)
+    from slq.checkpoint import load
+
+    fid = evaluate(load_model(stories_dir), (load(out), tok), windows=held_out, progress=False)
+    assert fid.ear_ci95[0] >= 0.99
+    assert fid.ear == pytest.approx(rep["measured"]["ear"]["mean"], abs=1e-4)
+    assert rep["bits_per_param"] < 16
+    for key in ("model", "target", "bits_per_param", "bits_per_param_model", "predicted", "measured",
+                "allocation", "rounds", "timings"):
+        assert key in rep
+    for key in ("bank_s", "sensitivity_s", "solve_s", "verify_s", "total_s"):
+        assert key in rep["timings"]
+
+
+def test_cli_search_and_bad_input(stories_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from slq.cli import app
+
+    runner = CliRunner()
+    base = [str(stories_dir), "--calib", str(need(TINY_TEXT)), "--calib-samples", "8", "--seq-len", "128",
+            "--sens-windows", "4", "--verify-windows", "8", "--group-size", "32", "--baselines", "8",
+            "--workdir", str(tmp_path / "w")]
+    r = runner.invoke(app, ["quantize", *base, "--bits", "6.5", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "o" / "slq_report.json").read_text())
+    assert rep["bits_per_param"] <= 6.5 and rep["target"]["kind"] == "bits"
+    r = runner.invoke(app, ["info", str(tmp_path / "o")])
+    assert r.exit_code == 0 and "SLQ search" in r.output
+    for bad, msg in ((["--target", "xx"], "--target must be dl or tl"),
+                     (["--target", "dl", "--bits", "4.5"], "either --target or --bits"),
+                     (["--bits", "1.5"], "below the smallest reachable"),
+                     (["--bits", "5.5", "--bitwidths", "3,9"], "--bitwidths")):
+        r = runner.invoke(app, ["quantize", *base, *bad, "--out", str(tmp_path / "bad")])
+        assert r.exit_code == 1 and "error:" in r.output and msg in r.output, r.output
+        assert not (tmp_path / "bad").exists()
