@@ -501,3 +501,29 @@ def test_on_policy_ear_of_model_with_itself_is_one(stories_lm, perturbed):
     windows, mask = sample_continuations(stories_lm.model, prompts, 10, seed=2)
     want = full_logit_oracle(stories_lm.model, perturbed, windows, mask)
     assert other.ear < 1.0 and other.ear == pytest.approx(want["ear"].mean(), abs=1e-6)
+
+
+def test_sampling_uses_the_kv_cache(stories_dir):
+    """After the prompt every step feeds one token (an O(n^2) re-run would feed the whole sequence),
+    and the tokens equal those of a model that is always re-run on the whole sequence."""
+    from slq.fidelity import sample_continuations
+    from slq.models import load_model
+
+    model, _ = load_model(stories_dir)
+    lengths = []
+    handle = model.register_forward_pre_hook(lambda m, a, k: lengths.append(k["input_ids"].shape[1]), with_kwargs=True)
+    prompts = torch.randint(0, 500, (3, 5), generator=torch.Generator().manual_seed(0))
+    windows, _ = sample_continuations(model, prompts, 20)
+    handle.remove()
+    assert lengths[0] == 5 and set(lengths[1:]) == {1}
+
+    class NoCache(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, **_):
+            return type("Out", (), {"logits": self.m(input_ids=input_ids, use_cache=False).logits})()
+
+    again, _ = sample_continuations(NoCache(model), prompts, 20)
+    assert torch.equal(windows, again)

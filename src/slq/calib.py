@@ -53,7 +53,7 @@ def capture_layer0_inputs(model: nn.Module, windows: torch.Tensor, batch_size: i
 
     def hook(_mod, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache", "use_cache")}
         caught.append(Batch(hidden, kw))
         raise _Stop
 

@@ -510,6 +510,11 @@ def _sample_batch(
         advance(len(gens))
         if step == max_new_tokens - 1:
             break
+        # transformers >= 5.2x names the returned cache `cache` (and the keyword too); older: past_key_values
+        cache = getattr(out, "cache", None)
+        if cache is not None:
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            continue
         cache = getattr(out, "past_key_values", None)
         if cache is not None:
             out = model(input_ids=token, past_key_values=cache, use_cache=True)

@@ -1,0 +1,271 @@
+"""The SLQ frontier on SmolLM2-135M-Instruct (CPU): budgets 3..8 vs uniform, DL and TL targets, estimators.
+
+One SearchSession (GPTQ asym g64 bank, calibration on C4) serves every stage; every measurement is
+on held-out WikiText-2 test windows (a different source from the calibration text), through one
+cached reference pass. Stages:
+
+- ``frontier``: SLQ at budgets 3.0, 3.5, ..., 8.0 bits/param (default estimator), measured EAR/KL.
+- ``uniform``: uniform GPTQ asym 3..8 assembled from the same bank, same windows (side by side).
+  Uniform RTN/GPTQ x asym/sym with sequential GPTQ are in fidelity_uniform.json (first 32 x 512 wiki
+  tokens, the same text) and are shown beside these in the README.
+- ``dl``: the DL target (EAR lower bound >= 0.99), per estimator: bits, measured EAR interval, rounds.
+- ``tl``: the TL target (recovery >= 0.99 on PIQA/ARC-E/HellaSwag/WinoGrande, ``--task-limit`` items each).
+- ``estimators``: linear vs Fisher vs Shapley: wall time, forward/backward passes, prediction error of
+  the additive KL prediction against measured uniform assemblies (sensitivity windows) and against the
+  measured DL result (held-out windows), and the DL bits each leads to.
+
+Resumable: each finished stage is appended to ``<out>.partial.jsonl`` and skipped on a rerun; the bank
+and sensitivities are cached in ``--workdir``.
+
+    python bench/search_smollm2.py                    # everything (about an hour on 2 CPU cores)
+    python bench/search_smollm2.py --stages frontier,uniform
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO / "src"))
+
+STAGES = ("frontier", "uniform", "dl", "estimators", "tl")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--sens-windows", type=int, default=8)
+    ap.add_argument("--sens-seq-len", type=int, default=128)
+    ap.add_argument("--verify-windows", type=int, default=16)
+    ap.add_argument("--budgets", default="3,3.5,4,4.5,5,5.5,6,6.5,7,7.5,8")
+    ap.add_argument("--estimator", default="linear", help="estimator of the frontier / TL stages")
+    ap.add_argument("--estimators", default="linear,fisher,shapley")
+    ap.add_argument("--shapley-windows", type=int, default=4)
+    ap.add_argument("--shapley-bits", default="4,6,8")
+    ap.add_argument("--fisher-windows", type=int, default=16)
+    ap.add_argument("--task-limit", type=int, default=100)
+    ap.add_argument("--workdir", default=str(Path.home() / ".cache/slq/bench-search-smollm2"))
+    ap.add_argument("--out", default=str(REPO / "bench/results/search_smollm2.json"))
+    args = ap.parse_args()
+
+    from slq.api import git_commit, versions
+    from slq.models import embedded_default_dir
+    from slq.search import SearchSession
+    from slq.sensitivity import EarMap, Prober, fisher_estimator, shapley_estimator
+
+    partial = Path(args.out).with_suffix(".partial.jsonl")
+    done = {}
+    if partial.exists():
+        for line in partial.read_text().splitlines():
+            r = json.loads(line)
+            done[r["stage"]] = r
+
+    def record(stage: str, data: dict) -> None:
+        row = {"stage": stage, **data}
+        with partial.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        done[stage] = row
+        print(f"[{stage}] done in {data.get('wall_s', 0):.0f} s", flush=True)
+
+    t0 = time.perf_counter()
+    s = SearchSession(str(embedded_default_dir()), group_size=args.group_size, calib=str(SHARED / "data/calib/c4.utf8"),
+                      calib_samples=args.calib_samples, seq_len=512, sens_windows=args.sens_windows,
+                      sens_seq_len=args.sens_seq_len, verify_windows=args.verify_windows,
+                      verify_data=str(SHARED / "data/wikitext2/wiki.test.raw"), estimator=args.estimator,
+                      workdir=args.workdir, progress=sys.stderr.isatty())
+    setup = {"wall_s": time.perf_counter() - t0, "timings": dict(s.timings)}
+    print(f"session ready in {setup['wall_s']:.0f} s: {s.timings}", flush=True)
+    stages = args.stages.split(",")
+    sens_default, emap_default = s.sens, s.emap
+
+    def measured_row(alloc, **extra):
+        fid = s.measure(alloc)
+        d = fid.to_dict()
+        return {**extra, "bits_per_param": s.bits_per_param(alloc), "predicted": s.predicted(alloc),
+                "ear": d["ear"], "ear_top10": d["ear_top10"]["mean"], "kl": d["kl"]["mean"], "kl_p99": d["kl"]["p99"],
+                "top1": d["top1"], "ppl_ratio": d["ppl"]["ratio"],
+                "kept_16bit_share": sum(u.n_params for u in s.units if alloc[u.name] == 16) / s.n_params,
+                "bits_histogram": {str(b): sum(u.n_params for u in s.units if alloc[u.name] == b) / s.n_params
+                                   for b in s.choices}}
+
+    if "frontier" in stages and "frontier" not in done:
+        t = time.perf_counter()
+        rows = []
+        for b in (float(x) for x in args.budgets.split(",")):
+            alloc, _ = s.solve(budget_bpp=b)
+            rows.append(measured_row(alloc, budget=b, allocation=alloc))
+            print(f"  budget {b}: {rows[-1]['bits_per_param']:.3f} b/p EAR {rows[-1]['ear']['mean']:.4f} "
+                  f"KL {rows[-1]['kl']:.2e}", flush=True)
+        record("frontier", {"wall_s": time.perf_counter() - t, "estimator": s.sens.estimator, "rows": rows})
+
+    if "uniform" in stages and "uniform" not in done:
+        t = time.perf_counter()
+        rows = [measured_row(s.uniform(b), bits=b) for b in s.quant_bits if b >= 3]
+        record("uniform", {"wall_s": time.perf_counter() - t, "method": "gptq (bank, non-sequential)",
+                           "symmetric": False, "rows": rows})
+
+    if "dl" in stages and "dl" not in done:
+        t = time.perf_counter()
+        res = s.run("dl", ear=0.99, max_rounds=5)
+        rows = [{k: v for k, v in r.items()} for r in res["rounds"]]
+        record("dl", {"wall_s": time.perf_counter() - t, "estimator": s.sens.estimator, "rounds": rows,
+                      "verified": res["accepted"] is not None, "ear_map": s.emap.to_dict()})
+
+    if "estimators" in stages and "estimators" not in done:
+        t = time.perf_counter()
+        out = {}
+        for name in args.estimators.split(","):
+            te = time.perf_counter()
+            if name == "shapley":  # reduced: fewer windows and bitwidths (cost: bits x units passes)
+                pr = Prober(s.model, s.bank, s.sens_w[: args.shapley_windows])
+                sens = shapley_estimator(pr, orderings=1, bitwidths=tuple(int(b) for b in args.shapley_bits.split(",")),
+                                         progress=sys.stderr.isatty())
+                s.bank.restore(s.model)
+                s.sens = sens
+                s.emap = EarMap().fit([(p["kl"], p["tv"]) for p in s.uniform_sens])
+            elif name == "fisher":
+                fw = s.calib_w[: args.fisher_windows, : args.sens_seq_len * 2]
+                sens = fisher_estimator(s.model, s.bank, fw, draws=1, progress=sys.stderr.isatty())
+                s.bank.restore(s.model)
+                s.sens = sens
+                s.emap = EarMap().fit([(p["kl"], p["tv"]) for p in s.uniform_sens])
+            else:
+                s.estimate(name)
+            sens = s.sens
+            check = [{"bits": p["bits"], "measured_kl": p["kl"],
+                      "predicted_kl": sum(sens.kl[u.name][p["bits"]] for u in s.units)} for p in s.uniform_sens]
+            res = s.run("dl", ear=0.99, max_rounds=5)
+            fin = res["final"]
+            out[name] = {
+                "seconds": time.perf_counter() - te, "estimator_seconds": sens.seconds, "passes": sens.forward_calls,
+                "details": sens.details, "uniform_check": check,
+                "uniform_log_ratio_rms": float(torch.tensor([__import__("math").log(c["predicted_kl"] / c["measured_kl"])
+                                                             for c in check]).pow(2).mean().sqrt()),
+                "dl": {"verified": res["accepted"] is not None, "rounds": len(res["rounds"]),
+                       "bits_per_param": fin["bits_per_param"], "measured_ear": fin["measured"]["ear"],
+                       "measured_kl": fin["measured"]["kl"]["mean"], "predicted_kl": fin["predicted"]["kl"],
+                       "round1_predicted_kl": res["rounds"][0]["predicted"]["kl"],
+                       "round1_measured_kl": res["rounds"][0]["measured"]["kl"]["mean"]},
+            }
+            print(f"  {name}: {out[name]['seconds']:.0f} s, DL {fin['bits_per_param']:.3f} b/p, "
+                  f"uniform log-ratio rms {out[name]['uniform_log_ratio_rms']:.3f}", flush=True)
+        s.sens, s.emap = sens_default, emap_default
+        record("estimators", {"wall_s": time.perf_counter() - t, "estimators": out})
+
+    if "tl" in stages and "tl" not in done:
+        t = time.perf_counter()
+        s.sens, s.emap = sens_default, emap_default
+        res = s.run("tl", recovery=0.99, task_limit=args.task_limit, max_rounds=4)
+        rows = [{k: v for k, v in r.items()} for r in res["rounds"]]
+        record("tl", {"wall_s": time.perf_counter() - t, "rounds": rows, "anchor": res["anchor"],
+                      "verified": res["accepted"] is not None, "task_limit": args.task_limit})
+
+    result = {
+        "benchmark": "search_smollm2",
+        "model": "SmolLM2-135M-Instruct (embedded, fp32)",
+        "device": f"cpu: {platform.machine()}, {torch.get_num_threads()} threads",
+        "versions": versions(),
+        "git_commit": git_commit(REPO),
+        "settings": {**vars(args), "calib": "c4.utf8 (first windows x 512)",
+                     "verify": f"wiki.test.raw first {args.verify_windows} x 512 tokens (held out: another source)",
+                     "bank": "GPTQ asym, non-sequential Hessians, clipping on", "bitwidths": list(s.bitwidths)},
+        "setup": setup,
+        "n_params_allocated": s.n_params,
+        "stages": {k: v for k, v in done.items()},
+    }
+    from slq.report import write_json
+
+    write_json(args.out, result)
+    print(markdown(result))
+    plot(result, Path(args.out).with_suffix(".png"))
+
+
+def markdown(result: dict) -> str:
+    st = result["stages"]
+    out = []
+    if "frontier" in st:
+        out += ["| budget | bits/param | EAR [95% CI] | EAR top-10 | KL | top-1 | PPL ratio | kept 16-bit |",
+                "|---:|---:|---|---:|---:|---:|---:|---:|"]
+        for r in st["frontier"]["rows"]:
+            e = r["ear"]
+            out.append(f"| {r['budget']} | {r['bits_per_param']:.3f} | {e['mean']:.4f} [{e['ci95'][0]:.4f}, "
+                       f"{e['ci95'][1]:.4f}] | {r['ear_top10']:.4f} | {r['kl']:.2e} | {r['top1']:.4f} | "
+                       f"{r['ppl_ratio']:.4f} | {r['kept_16bit_share']:.1%} |")
+    if "uniform" in st:
+        out += ["", "| uniform GPTQ asym (bank) | bits/param | EAR [95% CI] | EAR top-10 | KL | top-1 | PPL ratio |",
+                "|---:|---:|---|---:|---:|---:|---:|"]
+        for r in st["uniform"]["rows"]:
+            e = r["ear"]
+            out.append(f"| {r['bits']} | {r['bits_per_param']:.3f} | {e['mean']:.4f} [{e['ci95'][0]:.4f}, "
+                       f"{e['ci95'][1]:.4f}] | {r['ear_top10']:.4f} | {r['kl']:.2e} | {r['top1']:.4f} | {r['ppl_ratio']:.4f} |")
+    if "dl" in st:
+        out += ["", "DL rounds:"]
+        for r in st["dl"]["rounds"]:
+            m = r["measured"]
+            out.append(f"- round {r['round']}: {r['bits_per_param']:.3f} b/p, EAR {m['ear']['mean']:.4f} "
+                       f"[{m['ear']['ci95'][0]:.4f}, {m['ear']['ci95'][1]:.4f}], accepted {r['accepted']}")
+    if "estimators" in st:
+        out += ["", "| estimator | wall s | passes | uniform KL log-ratio RMS | DL bits/param | DL EAR lower bound | rounds |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for n, e in st["estimators"]["estimators"].items():
+            out.append(f"| {n} | {e['estimator_seconds']:.0f} | {e['passes']} | {e['uniform_log_ratio_rms']:.3f} | "
+                       f"{e['dl']['bits_per_param']:.3f} | {e['dl']['measured_ear']['ci95'][0]:.4f} | {e['dl']['rounds']} |")
+    if "tl" in st:
+        out += ["", "TL rounds:"]
+        a = st["tl"]["anchor"]
+        out.append(f"- anchor 4-bit: recovery {a['recovery']:.4f}, KL {a['kl']:.3e}, KL budget {a['kl_budget']:.3e}")
+        for r in st["tl"]["rounds"]:
+            av = r["tasks"]["average"]
+            out.append(f"- round {r['round']}: {r['bits_per_param']:.3f} b/p, avg delta {av['delta']:+.4f} "
+                       f"[{av['ci95'][0]:+.4f}, {av['ci95'][1]:+.4f}], lossless {r['accepted']}")
+    return "\n".join(out)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st = result["stages"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, label, mk in (("frontier", "SLQ (per-unit bits)", "o"), ("uniform", "uniform GPTQ asym", "s")):
+        if key not in st:
+            continue
+        rows = sorted(st[key]["rows"], key=lambda r: r["bits_per_param"])
+        x = [r["bits_per_param"] for r in rows]
+        y = [r["ear"]["mean"] for r in rows]
+        lo = [r["ear"]["mean"] - r["ear"]["ci95"][0] for r in rows]
+        hi = [r["ear"]["ci95"][1] - r["ear"]["mean"] for r in rows]
+        a1.errorbar(x, y, yerr=[lo, hi], marker=mk, capsize=3, label=label)
+        a2.plot(x, [r["kl"] for r in rows], marker=mk, label=label)
+    if "dl" in st:
+        for r in st["dl"]["rounds"]:
+            a1.plot([r["bits_per_param"]], [r["measured"]["ear"]["mean"]], "*", ms=13,
+                    color="C3" if r["accepted"] else "C1", label=f"DL round {r['round']}")
+    a1.axhline(0.99, color="gray", ls="--", lw=1, label="DL threshold 0.99")
+    a1.set_xlabel("bits per parameter (scales, zeros included)")
+    a1.set_ylabel("EAR on held-out WikiText-2 (95% CI)")
+    a2.set_xlabel("bits per parameter")
+    a2.set_ylabel("KL(ref || cand) per token")
+    a2.set_yscale("log")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M, g64, SLQ search vs uniform (CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
