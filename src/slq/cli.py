@@ -316,7 +316,7 @@ def bench(
     prompt_len: int = typer.Option(32, "--prompt-len"),
     new_tokens: int = typer.Option(32, "--new-tokens"),
     iters: Optional[int] = typer.Option(None, "--iters", help="timed repetitions (default 20 on GPU, 3 on CPU)"),
-    repeats: int = typer.Option(3, "--repeats", help="timed decode runs per row (median)"),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="timed decode runs per row, median (default 3 GPU, 1 CPU)"),
     measure: str = typer.Option("layer,stack,decode", "--measure"),
     device: str = typer.Option("auto", "--device"),
 ):
