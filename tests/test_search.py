@@ -274,3 +274,22 @@ def test_cli_search_and_bad_input(stories_dir, tmp_path):
         r = runner.invoke(app, ["quantize", *base, *bad, "--out", str(tmp_path / "bad")])
         assert r.exit_code == 1 and "error:" in r.output and msg in r.output, r.output
         assert not (tmp_path / "bad").exists()
+
+
+def test_tl_search_calibrates_at_the_4bit_anchor(stories_dir, tmp_path):
+    """The KL budget follows recovery ~ 1 - alpha * KL at the anchor; every round runs the paired test."""
+    from conftest import SHARED
+
+    need(SHARED / "data" / "tasks" / "piqa.jsonl")
+    rep, _ = _search(stories_dir, tmp_path, target="tl", recovery=0.99, tasks=["piqa", "arc_easy"], task_limit=30,
+                     max_rounds=2, out=None)
+    a = rep["anchor"]
+    avg = a["tasks"]["average"]
+    assert a["recovery"] == pytest.approx(avg["acc_candidate"] / avg["acc_reference"])
+    assert a["alpha"] == pytest.approx(a["loss_used"] / a["kl"])
+    assert rep["rounds"][0]["kl_budget"] == pytest.approx(0.01 / a["alpha"])
+    for r in rep["rounds"]:
+        assert r["accepted"] == r["tasks"]["average"]["lossless"]
+        assert r["predicted"]["kl"] <= r["kl_budget"] * (1 + 1e-9)
+    if len(rep["rounds"]) == 2:
+        assert rep["rounds"][1]["kl_budget"] == pytest.approx(rep["rounds"][0]["kl_budget"] / 2)

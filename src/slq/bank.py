@@ -118,24 +118,42 @@ class Bank:
     def reference_weight(self, member: str) -> torch.Tensor:
         return self.original[member]
 
+    def _state(self, model: nn.Module) -> dict:
+        # what each unit of `model` currently holds ("ref" = exact reference weights), so that applying an
+        # allocation only copies the units that change; valid while the model's weights change through the bank
+        key = id(model)
+        if getattr(self, "_states", None) is None:
+            self._states = {}
+        if key not in self._states or self._states[key][0] is not model:
+            self._states[key] = (model, {})
+        return self._states[key][1]
+
     def apply(self, model: nn.Module, allocation: dict[str, int]) -> None:
-        """Set the model's weights to the allocation (unit -> bits; 16 = the reference weights)."""
+        """Set the model's weights to the allocation (unit -> bits; 16 = the reference rounded to fp16)."""
         mods = dict(model.named_modules())
         umap = self.unit_map
+        state = self._state(model)
         for name, bits in allocation.items():
+            if state.get(name) == bits:
+                continue
             u = umap[name]
             for m in u.members:
                 w = mods[m].weight
                 w.data.copy_(self.dequantized(u, m, bits).to(w.device, w.dtype))
+            state[name] = bits
 
     def restore(self, model: nn.Module, units: list[str] | None = None) -> None:
         """Put the exact reference weights back (all units, or the named ones)."""
         mods = dict(model.named_modules())
         umap = self.unit_map
+        state = self._state(model)
         for name in list(umap) if units is None else units:
+            if state.get(name) == "ref":
+                continue
             for m in umap[name].members:
                 w = mods[m].weight
                 w.data.copy_(self.original[m].to(w.device, w.dtype))
+            state[name] = "ref"
 
     def qweights(self, allocation: dict[str, int]) -> dict[str, QuantizedWeight]:
         """Member -> codes for every quantized unit of the allocation (for the checkpoint)."""

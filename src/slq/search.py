@@ -343,10 +343,11 @@ class SearchSession:
                          "predicted": self.predicted(a)})
         return rows
 
-    def frontier(self, step: float = 0.25) -> list[dict]:
+    def frontier(self, step: float = 0.25, upto: float = 10.0) -> list[dict]:
+        """Predicted KL / EAR of the least-loss allocation at budgets ``step`` apart, up to ``upto`` b/p."""
         rows = []
         lo = self.bits_per_param(self.uniform(min(self.quant_bits)))
-        hi = self.bits_per_param(self.uniform(max(self.choices)))
+        hi = min(self.bits_per_param(self.uniform(max(self.choices))), upto)
         b = math.ceil(lo / step) * step
         while b <= hi + 1e-9:
             a, _ = self.solve(budget_bpp=b)
