@@ -49,7 +49,7 @@ def test_bench_tiny_on_cpu_writes_every_row_beside_fp16(tmp_path):
         ref = fp16[(x["kind"], x.get("layer"), x["M"])]
         assert x["fp16_ms"] == ref["ms"] and x["speedup"] == pytest.approx(ref["ms"] / x["ms"], rel=1e-12)
         assert x["pct_roofline"] == pytest.approx(100 * x["bytes"] / peak / (x["ms"] / 1e3), rel=1e-9)
-        assert 0 < x["pct_roofline"] < 100  # nothing beats the measured memcpy... on this machine, by a margin
+        assert x["pct_roofline"] > 0  # (may exceed 100: a read-only stream can beat the read+write copy)
 
     for b in (4, 8):
         for m in (1, 2):
@@ -223,6 +223,9 @@ def test_choose_backends_per_layer_of_a_checkpoint_model(stories, tmp_path):
     q = load(save_checkpoint(tmp_path / "ck", model, tok, res.qweights, {"plan": res.plan.to_dict()}))
     table = {"per_layer": [{"backend": "ours", "bits": 4, "layer": "qkv", "M": 1, "us": 1.0},
                            {"backend": "humming", "bits": 4, "layer": "qkv", "M": 1, "us": 0.5}]}
+    # fp32 activations: neither kernel takes them
+    assert set(choose_backends(q, 1, table, available=ALL)["layers"].values()) == {"reference"}
+    q.half()
     rec = choose_backends(q, 1, table, available=ALL)
     assert rec["rule"] == "measured table" and rec["batch_size"] == 1
     lay = rec["layers"]
@@ -230,6 +233,19 @@ def test_choose_backends_per_layer_of_a_checkpoint_model(stories, tmp_path):
     # stories: N = 64/32/172 fails 128 | N (humming), K = 172 fails 32 | K (triton)
     assert lay["model.layers.0.self_attn.q_proj"] == "triton" and lay["model.layers.0.mlp.up_proj"] == "triton"
     assert lay["model.layers.0.mlp.down_proj"] == "reference"
+    # a model whose every layer humming could take: the table decides, and bf16 rules humming out
+    from slq.grid import QuantizedWeight
+    from slq.modules import QuantLinear
+
+    big = torch.nn.Module()
+    big.q_proj = QuantLinear(QuantizedWeight(torch.zeros(256, 256, dtype=torch.uint8),
+                                             torch.ones(256, 2, dtype=torch.float16),
+                                             torch.zeros(256, 2, dtype=torch.uint8), QuantSpec(4, 128)))
+    big.emb = torch.nn.Embedding(4, 8, dtype=torch.float16)
+    big.get_input_embeddings = lambda: big.emb
+    assert choose_backends(big, 1, table, available=ALL)["layers"]["q_proj"] == "humming"  # 0.5 us vs 1.0
+    big.emb = torch.nn.Embedding(4, 8, dtype=torch.bfloat16)
+    assert choose_backends(big, 1, table, available=ALL)["layers"]["q_proj"] == "triton"
 
 
 @pytest.mark.gpu
@@ -258,7 +274,7 @@ def test_gpu_load_auto_uses_the_table(tmp_path):
 
     cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64)
-    m = AutoModelForCausalLM.from_config(cfg)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16)  # the kernels take fp16 activations
     res = quantize_model(m, QuantSpec(4, 128), method="rtn", progress=False)
     ck = save_checkpoint(tmp_path / "ck", m, None, res.qweights, {"plan": res.plan.to_dict()})
     table = {"per_layer": [{"backend": "ours", "bits": 4, "layer": "qkv", "M": 1, "us": 1.0},

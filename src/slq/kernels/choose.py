@@ -8,8 +8,8 @@ directly), and ``us`` per call.
 
 The rule, for a layer with [N, K], ``bits`` and group ``G`` at batch ``m``:
 
-1. Candidates are the backends available here (triton: Triton + CUDA; humming: the package +
-   CUDA) that can take the layer (triton: 32 | K and G a power of two >= 16 dividing K or
+1. Candidates are the backends available here (triton: Triton + CUDA, fp16/bf16 models;
+   humming: the package + CUDA, fp16 models) that can take the layer (triton: 32 | K and G a power of two >= 16 dividing K or
    per-channel; humming: 128 | N and 32 | K). No candidate -> ``reference``.
 2. Rows of candidate backends are narrowed step by step: the measured bitwidth nearest to
    ``bits`` (ties -> the wider one, it is the slower and so the safer estimate); the measured M
@@ -163,9 +163,17 @@ def default_table() -> Path | None:
 def choose_backends(model, batch_size: int = 1, table=None, available=None) -> dict:
     """Backend per QuantLinear of ``model`` for decode at ``batch_size``; returns the record that
     ``slq.load`` stores as ``model.slq_backends`` ({"rule", "table", "batch_size", "layers", "why"})."""
+    import torch
+
     from ..modules import QuantLinear
 
     available = available_backends() if available is None else set(available)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    dtype = emb.weight.dtype if emb is not None else torch.float16
+    if dtype not in (torch.float16, torch.bfloat16):
+        available -= {"triton", "humming"}  # both take fp16/bf16 activations only
+    elif dtype != torch.float16:
+        available -= {"humming"}  # slq prepares Humming layers for fp16 activations
     src = default_table() if table is None else table
     rows = read_table(src) if src is not None else []
     layers, why = {}, {}
