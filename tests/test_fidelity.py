@@ -219,8 +219,10 @@ def test_bounds_and_pinsker_inequality(seed, V, scale, gap):
     assert torch.all((got["ear"] >= 0) & (got["ear"] <= 1))
     assert torch.all((got["ear_top10"] >= 0) & (got["ear_top10"] <= 1))
     assert torch.all(got["kl_pq"] >= 0) and torch.all(got["kl_qp"] >= 0)
+    # fp32 KL of nearly equal distributions is a difference of nearly equal terms: its absolute error
+    # is ~1e-7 (float eps x |log p|), which sqrt turns into ~2e-4 near KL = 0, so the slack sits inside
     for kl in (got["kl_pq"], got["kl_qp"]):
-        assert torch.all(got["ear"] >= 1 - torch.sqrt(kl / 2) - 1e-5)
+        assert torch.all(got["ear"] >= 1 - torch.sqrt((kl + 1e-6) / 2) - 1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------
