@@ -225,6 +225,10 @@ def test_budget_is_respected_exactly_and_fused_units_share_bits(stories_dir, tmp
         assert len(qkv) == 1 and len(gu) == 1, (layer, qkv, gu)
     assert (out / "slq_report.md").is_file() and (out / "allocation.png").stat().st_size > 1000
     assert (out / "frontier.png").stat().st_size > 1000
+    # a rerun on the same work directory reads the bank and sensitivities back and gives the same result
+    again, _ = _search(stories_dir, tmp_path, target="bits", bits=5.25, out=None)
+    assert again["allocation"] == rep["allocation"]
+    assert again["measured"] == rep["measured"]
 
 
 def test_dl_search_meets_its_target_on_held_out_windows(stories_dir, tmp_path):
