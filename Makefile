@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# Offline on CPU: the embedded SmolLM2-135M-Instruct, 4-bit asymmetric g64 GPTQ calibrated on
-# 32 x 256 tokens it samples itself, then measured on 16 x 256 held-out sampled tokens.
+# Offline on CPU: the SLQ DL search on the embedded SmolLM2-135M-Instruct (GPTQ asym g64): calibration on
+# 16 x 256 tokens it samples itself, linear sensitivities on 8 x 128 of them, verification on 16 x 256
+# held-out sampled tokens (EAR 95% lower bound >= 0.99), uniform 4/6/8-bit baselines for the report.
 demo: install
-	$(BIN)/slq quantize --bits 4 --group-size 64 --calib-samples 32 --seq-len 256 --eval --eval-tokens 4096 \
-		--out out/demo --force
+	$(BIN)/slq quantize --target dl --ear 0.99 --group-size 64 --calib-samples 16 --seq-len 256 \
+		--sens-windows 8 --sens-seq-len 128 --verify-windows 16 --baselines 4,6,8 --out out/demo --force
 	$(BIN)/slq info out/demo
 
 test: install
@@ -31,6 +32,8 @@ test: install
 
 bench: install
 	$(BIN)/python bench/quantize_smollm2.py
+	$(BIN)/python bench/fidelity_uniform.py
+	$(BIN)/python bench/search_smollm2.py
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
