@@ -297,3 +297,20 @@ def test_tl_search_calibrates_at_the_4bit_anchor(stories_dir, tmp_path):
         assert r["predicted"]["kl"] <= r["kl_budget"] * (1 + 1e-9)
     if len(rep["rounds"]) == 2:
         assert rep["rounds"][1]["kl_budget"] == pytest.approx(rep["rounds"][0]["kl_budget"] / 2)
+
+
+def test_kept_16bit_units_load_in_plain_transformers(stories_dir, tmp_path):
+    """Units kept at 16 bits are fp16 in the file; transformers + compressed-tensors (no slq) and slq.load
+    read the same model, equal to the one the search measured."""
+    from transformers import AutoModelForCausalLM
+
+    from slq.checkpoint import load
+
+    rep, out = _search(stories_dir, tmp_path, target="bits", bits=11.0, baselines=())
+    assert rep["n_params_kept_16bit"] > 0
+    _checkpoint_bits(out)  # asserts kept linears are stored as fp16
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(out).eval()
+        ours = load(out)
+        torch.testing.assert_close(plain(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
