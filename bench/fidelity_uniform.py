@@ -45,7 +45,29 @@ def main():
                     help="method-grid pairs that also get the zero-shot tasks (CPU time): e.g. gptq-asym,rtn-asym; 'all'")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--out", default=str(REPO / "bench/results/fidelity_uniform.json"))
+    ap.add_argument("--merge", default="", help="comma list of other runs' .partial.jsonl files whose rows join this "
+                                                "result (a grid split over processes; same settings)")
+    ap.add_argument("--report-only", action="store_true", help="write the JSON/table/plot from the partial files")
     args = ap.parse_args()
+
+    if args.report_only:  # merge other processes' rows into the finished result, then re-render
+        result = json.loads(Path(args.out).read_text())
+        rows = result["rows"]
+        for other in (x for x in args.merge.split(",") if x):
+            have = {(x["method"], x["bits"], x["symmetric"]) for x in rows}
+            for line in Path(other).read_text().splitlines():
+                r = json.loads(line)
+                if (r["method"], r["bits"], r["symmetric"]) not in have:
+                    rows.append(r)
+        order = {"rtn": 0, "gptq": 1}
+        rows.sort(key=lambda r: (order.get(r["method"], 9), r["symmetric"], r["bits"]))
+        result["merged_from"] = [x for x in args.merge.split(",") if x]
+        from slq.report import write_json
+
+        write_json(args.out, result)
+        print(markdown(result))
+        plot(result, Path(args.out).with_suffix(".png"))
+        return
 
     from slq.api import git_commit, versions
     from slq.data import load_text, token_windows
@@ -132,6 +154,13 @@ def main():
                 print(f"{method} b={bits} {grid}: EAR {d['ear']['mean']:.4f} {d['ear']['ci95']} KL {d['kl']['mean']:.4f} "
                       f"ppl x{d['ppl']['ratio']:.3f}", flush=True)
                 del cand
+    for other in (x for x in args.merge.split(",") if x):
+        for line in Path(other).read_text().splitlines():
+            r = json.loads(line)
+            if (r["method"], r["bits"], r["symmetric"]) not in {(x["method"], x["bits"], x["symmetric"]) for x in rows}:
+                rows.append(r)
+    order = {"rtn": 0, "gptq": 1}
+    rows.sort(key=lambda r: (order.get(r["method"], 9), r["symmetric"], r["bits"]))
     result = {
         "benchmark": "fidelity_uniform",
         "model": "SmolLM2-135M-Instruct (embedded, fp32)",
