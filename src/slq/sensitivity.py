@@ -40,7 +40,6 @@ from torch import nn
 from .bank import Bank
 from .calib import Batch, capture_layer0_inputs, decoder_layers, run_layer
 from .errors import SlqError
-from .fidelity import token_metrics
 from .progress import progress_bar
 from .units import KEEP_BITS
 
@@ -59,6 +58,20 @@ def _head(model: nn.Module):
         raise SlqError(f"cannot find the final norm / lm_head of {type(model).__name__} for probing")
     cap = getattr(model.config, "final_logit_softcapping", None)
     return norm, head, cap
+
+
+def _kl_tv(ref_logp: torch.Tensor, cand_logits: torch.Tensor, rows: int = 256) -> tuple[float, float]:
+    """Sums over positions of KL(p || q) and TV(p, q) = 1 - EAR, full vocabulary, fp32 (the same formulas as
+    :func:`slq.fidelity.token_metrics`, with only what probing needs)."""
+    kl = tv = 0.0
+    for i in range(0, ref_logp.shape[0], rows):
+        lp = ref_logp[i : i + rows]
+        lq = torch.log_softmax(cand_logits[i : i + rows].float(), -1)
+        p = lp.exp()
+        d = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p))
+        kl += float(d.sum(-1).clamp_min(0).double().sum())
+        tv += float((0.5 * (p - lq.exp()).abs().sum(-1)).clamp(0, 1).double().sum())
+    return kl, tv
 
 
 class Prober:
@@ -83,7 +96,8 @@ class Prober:
             for layer in self.layers:
                 self.inputs.append(batches)
                 batches = run_layer(layer, batches)
-            self.ref_logits = [self._logits(b.hidden) for b in batches]
+            # reference log-probabilities, kept once (fp32): a probe then costs one log-softmax of its own
+            self.ref_logp = [torch.log_softmax(self._logits(b.hidden).flatten(0, 1), -1) for b in batches]
             self.last = batches
         self.dirty = len(self.layers)  # first layer whose inputs downstream are stale
 
@@ -118,10 +132,10 @@ class Prober:
             self.last = batches
             self.dirty = len(self.layers)
         kl = tv = 0.0
-        for b, ref in zip(self.last, self.ref_logits):
-            m = token_metrics(ref.flatten(0, 1), self._logits(b.hidden).flatten(0, 1))
-            kl += float(m["kl_pq"].double().sum())
-            tv += float((1.0 - m["ear"]).double().sum())
+        for b, lp in zip(self.last, self.ref_logp):
+            k, d = _kl_tv(lp, self._logits(b.hidden).flatten(0, 1))
+            kl += k
+            tv += d
         return kl / self.n_tokens, tv / self.n_tokens
 
     def reset(self) -> None:
