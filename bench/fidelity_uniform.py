@@ -49,25 +49,7 @@ def main():
                                                 "result (a grid split over processes; same settings)")
     ap.add_argument("--report-only", action="store_true", help="write the JSON/table/plot from the partial files")
     args = ap.parse_args()
-
-    if args.report_only:  # merge other processes' rows into the finished result, then re-render
-        result = json.loads(Path(args.out).read_text())
-        rows = result["rows"]
-        for other in (x for x in args.merge.split(",") if x):
-            have = {(x["method"], x["bits"], x["symmetric"]) for x in rows}
-            for line in Path(other).read_text().splitlines():
-                r = json.loads(line)
-                if (r["method"], r["bits"], r["symmetric"]) not in have:
-                    rows.append(r)
-        order = {"rtn": 0, "gptq": 1}
-        rows.sort(key=lambda r: (order.get(r["method"], 9), r["symmetric"], r["bits"]))
-        result["merged_from"] = [x for x in args.merge.split(",") if x]
-        from slq.report import write_json
-
-        write_json(args.out, result)
-        print(markdown(result))
-        plot(result, Path(args.out).with_suffix(".png"))
-        return
+    run_args = dict(vars(args))
 
     from slq.api import git_commit, versions
     from slq.data import load_text, token_windows
@@ -109,12 +91,16 @@ def main():
     # The reference is the same for every configuration: its logits on the wiki windows and on the
     # on-policy continuations (sampled once, seed 0) are computed once and replayed.
     t = time.perf_counter()
-    ref_wiki = CachedLogits().record(ref, wiki)
+    if args.report_only:
+        args.on_policy, items = 0, {}
+    ref_wiki = CachedLogits().record(ref, wiki) if not args.report_only else None
     op_windows, op_mask = sample_continuations(ref, prompts, 128, seed=0) if args.on_policy else (None, None)
     ref_op = CachedLogits().record(ref, op_windows) if args.on_policy else None
-    ref_tasks = {t: score_task(ref, tok, t, its, progress=False) for t, its in items.items()}
-    reference_s = time.perf_counter() - t
     task_configs = None if args.task_configs == "all" else set(args.task_configs.split(","))
+    wants_tasks = task_configs is None or any(f"{m}-{g}" in task_configs for m in args.methods.split(",")
+                                              for g in args.grids.split(","))
+    ref_tasks = {t: score_task(ref, tok, t, its, progress=False) for t, its in items.items()} if wants_tasks else {}
+    reference_s = time.perf_counter() - t
 
     partial = Path(args.out).with_suffix(".partial.jsonl")
     done = {}
@@ -123,7 +109,10 @@ def main():
             r = json.loads(line)
             done[(r["method"], r["bits"], r["symmetric"])] = r
     rows = []
-    for method in args.methods.split(","):
+    if args.report_only:  # the rows of interrupted / split runs, from their partial files (no quantizing)
+        rows = list(done.values())
+        args.methods = ""
+    for method in (m for m in args.methods.split(",") if m):
         for grid in args.grids.split(","):
             for bits in (int(b) for b in args.bits.split(",")):
                 key = (method, bits, grid == "sym")
@@ -167,10 +156,12 @@ def main():
         "device": f"cpu: {platform.machine()}, {torch.get_num_threads()} threads",
         "versions": versions(),
         "git_commit": git_commit(REPO),
-        "settings": {**vars(args), "data": "wiki.test.raw first windows x 512", "calib": "c4.utf8",
+        "settings": {**run_args, "data": "wiki.test.raw first windows x 512", "calib": "c4.utf8",
                      "tasks": list(TASKS), "on_policy_new_tokens": 128, "on_policy_prompt_tokens": 32},
         "reference_forward_tokens_per_s": forward_tps,
         "throughput": throughput,
+        "assembled": ("rows from partial files of split/interrupted runs (same settings); throughput measured "
+                      "in the assembling run") if args.report_only else "one run",
         "reference_cached_s": reference_s,
         "timing_note": ("fidelity tokens/s count both models; the reference side replays logits cached once "
                         "(CachedLogits), so per configuration only the candidate runs"),
