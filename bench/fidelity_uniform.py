@@ -45,6 +45,7 @@ def main():
                     help="method-grid pairs that also get the zero-shot tasks (CPU time): e.g. gptq-asym,rtn-asym; 'all'")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--out", default=str(REPO / "bench/results/fidelity_uniform.json"))
+    ap.add_argument("--task-bits", default="", help="only these bitwidths get the tasks (default: all)")
     ap.add_argument("--merge", default="", help="comma list of other runs' .partial.jsonl files whose rows join this "
                                                 "result (a grid split over processes; same settings)")
     ap.add_argument("--report-only", action="store_true", help="write the JSON/table/plot from the partial files")
@@ -127,7 +128,8 @@ def main():
                 fid = compare_windows(ref_wiki, cand, wiki, progress=False)
                 if args.on_policy:
                     fid.on_policy = compare_windows(ref_op, cand, op_windows, mask=op_mask, progress=False)
-                if task_configs is None or f"{method}-{grid}" in task_configs:
+                task_bits = {int(x) for x in args.task_bits.split(",") if x}
+                if (task_configs is None or f"{method}-{grid}" in task_configs) and (not task_bits or bits in task_bits):
                     t = time.perf_counter()
                     cand_tasks = {t: score_task(cand, tok, t, its, progress=False) for t, its in items.items()}
                     fid.tasks = compare_tasks(ref_tasks, cand_tasks)
