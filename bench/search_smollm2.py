@@ -56,6 +56,7 @@ def main():
     ap.add_argument("--task-limit", type=int, default=100)
     ap.add_argument("--workdir", default=str(Path.home() / ".cache/slq/bench-search-smollm2"))
     ap.add_argument("--out", default=str(REPO / "bench/results/search_smollm2.json"))
+    ap.add_argument("--report-only", action="store_true", help="write the JSON/table/plot from the partial file")
     args = ap.parse_args()
 
     from slq.api import git_commit, versions
@@ -76,6 +77,29 @@ def main():
             f.write(json.dumps(row) + "\n")
         done[stage] = row
         print(f"[{stage}] done in {data.get('wall_s', 0):.0f} s", flush=True)
+
+    if args.report_only:
+        from slq.models import load_model
+        from slq.units import build_units
+
+        m, _ = load_model(embedded_default_dir())
+        result = {
+            "benchmark": "search_smollm2", "model": "SmolLM2-135M-Instruct (embedded, fp32)",
+            "device": f"cpu: {platform.machine()}, 1 thread per process (OMP_NUM_THREADS=1)",
+            "versions": versions(), "git_commit": git_commit(REPO),
+            "settings": {**vars(args), "calib": "c4.utf8 (first windows x 512)",
+                         "verify": f"wiki.test.raw first {args.verify_windows} x 512 tokens (held out: another source)",
+                         "bank": "GPTQ asym, non-sequential Hessians, clipping on"},
+            "assembled": "from the partial file of runs with these settings (stages recorded as they finished)",
+            "n_params_allocated": sum(u.n_params for u in build_units(m)),
+            "stages": done,
+        }
+        from slq.report import write_json
+
+        write_json(args.out, result)
+        print(markdown(result))
+        plot(result, Path(args.out).with_suffix(".png"))
+        return
 
     t0 = time.perf_counter()
     s = SearchSession(str(embedded_default_dir()), group_size=args.group_size, calib=str(SHARED / "data/calib/c4.utf8"),
