@@ -150,6 +150,9 @@ def test_shapley_marginals_add_up_to_the_uniform_loss(stories, text_windows, tmp
         prober.set({u.name: b for u in bank.units})
         measured, _ = prober.measure()
         assert sens.details["raw_sum_kl"][str(b)] == pytest.approx(measured, rel=1e-6)
+    # noisy marginals never make a unit free: every quantized bitwidth costs something
+    for u in bank.units:
+        assert all(sens.kl[u.name][b] > 0 for b in (4, 8)), (u.name, sens.kl[u.name])
 
 
 def test_fisher_estimate_matches_measured_kl_at_high_bits(stories, text_windows, tmp_path):

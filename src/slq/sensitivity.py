@@ -246,10 +246,28 @@ def shapley_estimator(prober: Prober, *, orderings: int = 2, bitwidths: tuple[in
                     prev_k, prev_d = k, d
                     bar.advance(task)
     prober.reset()
+    # Marginals are noisy: a unit whose average marginal at a sampled bitwidth is not positive would get
+    # zero cost there and, scaled by t, at every bitwidth below it. Such entries take the median
+    # coefficient (marginal / t) of the units at that bitwidth instead.
+    med_kl, med_tv = {}, {}
+    for b in bits_list:
+        rk = [sums_kl[u.name][b] / orderings / bank.t[u.name][b] for u in bank.units
+              if sums_kl[u.name][b] > 0 and bank.t[u.name][b] > 0]
+        rd = [sums_tv[u.name][b] / orderings / math.sqrt(bank.t[u.name][b]) for u in bank.units
+              if sums_tv[u.name][b] > 0 and bank.t[u.name][b] > 0]
+        med_kl[b] = float(np.median(rk)) if rk else 0.0
+        med_tv[b] = float(np.median(rd)) if rd else 0.0
+    floored = 0
     kl, tv = {}, {}
     for u in bank.units:
         mk = {b: sums_kl[u.name][b] / orderings for b in bits_list}
         md = {b: sums_tv[u.name][b] / orderings for b in bits_list}
+        for b in bits_list:
+            if mk[b] <= 0:
+                mk[b] = med_kl[b] * bank.t[u.name][b]
+                floored += 1
+            if md[b] <= 0:
+                md[b] = med_tv[b] * math.sqrt(bank.t[u.name][b])
         # bitwidths in the bank but not sampled: scale the nearest sampled one by t (linearity)
         for b in bank.bitwidths:
             if b not in mk:
@@ -260,7 +278,8 @@ def shapley_estimator(prober: Prober, *, orderings: int = 2, bitwidths: tuple[in
         kl[u.name], tv[u.name] = monotone(mk), monotone(md)
     raw = {str(b): math.fsum(sums_kl[n][b] for n in names) / orderings for b in bits_list}
     return Sensitivity("shapley", kl, tv, [], time.perf_counter() - t0, prober.calls - calls0,
-                       {"orderings": orderings, "bitwidths": list(bits_list), "seed": seed, "raw_sum_kl": raw})
+                       {"orderings": orderings, "bitwidths": list(bits_list), "seed": seed, "raw_sum_kl": raw,
+                        "floored_entries": floored})
 
 
 def fisher_estimator(model: nn.Module, bank: Bank, windows: torch.Tensor, *, draws: int = 1, seed: int = 0,
