@@ -105,6 +105,9 @@ def main():
 
     partial = Path(args.out).with_suffix(".partial.jsonl")
     done = {}
+    if Path(args.out).exists():  # rows of an earlier (possibly partial) result count as done too
+        for r in json.loads(Path(args.out).read_text()).get("rows", []):
+            done[(r["method"], r["bits"], r["symmetric"])] = r
     if partial.exists():
         for line in partial.read_text().splitlines():
             r = json.loads(line)
