@@ -113,6 +113,7 @@ def main():
             r = json.loads(line)
             done[(r["method"], r["bits"], r["symmetric"])] = r
     rows = []
+    reused = 0
     if args.report_only:  # the rows of interrupted / split runs, from their partial files (no quantizing)
         rows = list(done.values())
         args.methods = ""
@@ -122,6 +123,7 @@ def main():
                 key = (method, bits, grid == "sym")
                 if key in done:
                     rows.append(done[key])
+                    reused += 1
                     continue
                 cand = copy.deepcopy(ref)
                 t = time.perf_counter()
@@ -166,7 +168,10 @@ def main():
         "reference_forward_tokens_per_s": forward_tps,
         "throughput": throughput,
         "assembled": ("rows from partial files of split/interrupted runs (same settings); throughput measured "
-                      "in the assembling run") if args.report_only else "one run",
+                      "in the assembling run") if args.report_only else
+                     (f"{len(rows) - reused} configurations run in this process; {reused} rows reused from earlier "
+                      "runs with the same settings (result file / partial files); throughput measured in this run"
+                      if reused else "one run"),
         "reference_cached_s": reference_s,
         "timing_note": ("fidelity tokens/s count both models; the reference side replays logits cached once "
                         "(CachedLogits), so per configuration only the candidate runs"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -44,6 +45,10 @@ def main():
     ap.add_argument("--sens-windows", type=int, default=8)
     ap.add_argument("--verify-windows", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--calib", default=None,
+                    help="calibration source (default: the C4 text of the shared data, tokenized by the stories260K "
+                         "tokenizer, else 'generated')")
+    ap.add_argument("--layers", type=int, default=None, help="override the number of decoder layers (a timing probe)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -57,10 +62,13 @@ def main():
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = LlamaConfig(**SHAPES[args.shape], tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-        model = LlamaForCausalLM(cfg).to(getattr(torch, args.dtype))
+        shape = dict(SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {}))
+        cfg = LlamaConfig(**shape, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+        with torch.device(args.device):  # random init on the GPU: minutes faster than on the host for 8B
+            model = LlamaForCausalLM(cfg).to(getattr(torch, args.dtype))
         model.save_pretrained(f"{tmp}/model")
-        tok_dir = REPO.parent / "shared" / "models" / "stories260K"  # any tokenizer: ids are drawn by the model
+        shared = Path(os.environ.get("SLQ_SHARED", REPO.parent / "shared"))
+        tok_dir = shared / "models" / "stories260K"  # any tokenizer: ids are drawn by the model
         tok = AutoTokenizer.from_pretrained(tok_dir)
         tok.save_pretrained(f"{tmp}/model")
         del model
@@ -68,23 +76,28 @@ def main():
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        rep = search(f"{tmp}/model", target="dl", ear=0.99, estimator=args.estimator, calib="generated",
+        c4, wiki = shared / "data" / "calib" / "c4.utf8", shared / "data" / "wikitext2" / "wiki.test.raw"
+        calib = args.calib or (str(c4) if c4.exists() else "generated")
+        verify = str(wiki) if calib != "generated" and wiki.exists() else None
+        args.calib, args.verify_data = calib, verify
+        rep = search(f"{tmp}/model", target="dl", ear=0.99, estimator=args.estimator, calib=calib, verify_data=verify,
                      calib_samples=args.calib_samples, seq_len=args.seq_len, sens_windows=args.sens_windows,
                      verify_windows=args.verify_windows, group_size=args.group_size, device=args.device,
-                     workdir=f"{tmp}/work", out=None, progress=sys.stderr.isatty(), baselines=(), max_rounds=3)
+                     workdir=f"{tmp}/work", out=None, frontier=False, progress=sys.stderr.isatty(), baselines=(), max_rounds=3)
         wall = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
     result = {
         "benchmark": "search_8b_gpu",
-        "shape": args.shape, "config": SHAPES[args.shape],
+        "shape": args.shape, "config": shape,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu {platform.machine()}",
         "versions": versions(), "git_commit": git_commit(REPO), "settings": vars(args),
         "model_build_s": make_s, "search_wall_s": wall, "peak_gpu_memory_gib": peak,
         "timings": rep["timings"], "bits_per_param": rep["bits_per_param"], "rounds": len(rep["rounds"]),
         "goal": "DL search under 20 minutes on one H100",
-        "goal_met": (wall < 1200) if args.shape == "llama3-8b" else None,
+        "goal_met": (wall < 1200) if args.shape == "llama3-8b" and not args.layers else None,
     }
-    out = args.out or str(REPO / "bench/results" / f"search_8b_{result['device'].replace(' ', '_')}.json")
+    name = f"search_8b_{result['device'].replace(' ', '_')}" + (f"_{args.layers}layers" if args.layers else "")
+    out = args.out or str(REPO / "bench/results" / f"{name}.json")
     from slq.report import write_json
 
     write_json(out, result)

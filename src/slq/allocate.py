@@ -221,7 +221,12 @@ def _milp(r: _Reduced, objective: np.ndarray, row: np.ndarray, rhs: float, time_
     counts = np.array([len(d) for d in r.d])
     nvar = int(counts.sum())
     one_hot = csr_array((np.ones(nvar), (np.repeat(np.arange(n), counts), np.arange(nvar))), shape=(n, nvar))
-    constraints = [LinearConstraint(one_hot, 1.0, 1.0), LinearConstraint(row[None, :], -np.inf, rhs)]
+    # O(1) coefficients: sizes of large models reach 1e9 and more, and HiGHS's tolerances are absolute, so an
+    # unscaled row can make it loop on "feasible" points that fail the original constraint. The callers check
+    # every answer exactly and tighten, so scaling changes no result.
+    rs = float(np.abs(row).max()) or 1.0
+    objective = objective / (float(np.abs(objective).max()) or 1.0)
+    constraints = [LinearConstraint(one_hot, 1.0, 1.0), LinearConstraint(row[None, :] / rs, -np.inf, rhs / rs)]
     # mip_abs_gap is not among milp's documented options; scipy passes it to HiGHS verbatim
     options = {"mip_rel_gap": 0.0, "mip_abs_gap": 0.0}
     if time_limit is not None:

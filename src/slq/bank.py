@@ -60,9 +60,10 @@ def fingerprint(model: nn.Module, windows: torch.Tensor | None, settings: dict) 
     if windows is not None:
         h.update(windows.to(torch.int64).cpu().numpy().tobytes())
     for name, p in model.named_parameters():
-        x = p.detach().float().cpu().flatten()
+        x = p.detach().float().flatten()  # statistics on the weight's own device; only three numbers move
+        stats = torch.stack([x.sum(), x.abs().sum(), x[:: max(1, x.numel() // 997)].sum()])
         h.update(name.encode())
-        h.update(torch.stack([x.sum(), x.abs().sum(), x[:: max(1, x.numel() // 997)].sum()]).numpy().tobytes())
+        h.update(stats.cpu().numpy().tobytes())
     return h.hexdigest()[:32]
 
 
@@ -84,6 +85,7 @@ class Bank:
     weight_error: dict[str, dict[int, float]]
     original: dict[str, torch.Tensor]  # member -> fp32 weight of the reference
     timings: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"  # where entries are unpacked and dequantized (the model's device)
     _tensors: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
@@ -105,14 +107,14 @@ class Bank:
             raise SlqError(f"bitwidth {bits} is not in the bank ({self.bitwidths})")
         t = self._layer(unit.layer)
         prefix = f"{member}.b{bits}."
-        parts = {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+        parts = {k[len(prefix):]: v.to(self.device, non_blocking=True) for k, v in t.items() if k.startswith(prefix)}
         return unpack_weight(parts, self.spec(unit, bits), f"bank {member} @ {bits} bits")
 
     def dequantized(self, unit: Unit, member: str, bits: int) -> torch.Tensor:
         """The weight a unit gets at ``bits``; 16 is the reference weight rounded to fp16 (what the
         checkpoint stores for a unit kept in 16-bit, so what is measured is what is shipped)."""
         if bits == KEEP_BITS:
-            return self.original[member].half().float()
+            return self.original[member].to(self.device).half().float()
         return self.qweight(unit, member, bits).dequantize()
 
     def reference_weight(self, member: str) -> torch.Tensor:
@@ -162,7 +164,8 @@ class Bank:
             b = allocation[u.name]
             if b != KEEP_BITS:
                 for m in u.members:
-                    out[m] = self.qweight(u, m, b)
+                    q = self.qweight(u, m, b)
+                    out[m] = QuantizedWeight(q.codes.cpu(), q.scale.cpu(), q.zero.cpu(), q.spec)
         return out
 
 
@@ -225,6 +228,7 @@ def build_bank(
     t0 = time.perf_counter()
     todo = [i for i in sorted(by_layer) if str(i) not in meta["layers"] or not _layer_file(workdir, i).exists()]
     batches = capture_layer0_inputs(model, windows, batch_size, device) if todo else []
+    parts: dict[str, float] = {}
     with progress_bar(progress) as bar:
         task = bar.add_task(f"bank ({method.upper()}, {len(bitwidths)} bitwidths)", total=len(layers))
         for i, layer in enumerate(layers):
@@ -232,8 +236,10 @@ def build_bank(
                 bar.advance(task, len(layers) - i)
                 break
             if i in todo and i in by_layer:
-                meta["layers"][str(i)] = _bank_layer(layer, i, prefix, by_layer[i], batches, workdir, bitwidths,
-                                                     group_size, symmetric, method, clip, damp, device)
+                meta["layers"][str(i)], lt = _bank_layer(layer, i, prefix, by_layer[i], batches, workdir, bitwidths,
+                                                         group_size, symmetric, method, clip, damp, device)
+                for k, v in lt.items():
+                    parts[k] = parts.get(k, 0.0) + v
                 tmp = meta_path.with_suffix(".json.tmp")
                 tmp.write_text(json.dumps(meta, indent=1))
                 os.replace(tmp, meta_path)
@@ -247,13 +253,14 @@ def build_bank(
         t[u.name][KEEP_BITS] = 0.0
         we[u.name][KEEP_BITS] = 0.0
     return Bank(workdir, units, bitwidths, group_size, symmetric, method, t, we, original,
-                timings={"bank_s": time.perf_counter() - t0, "layers_built": len(todo)})
+                timings={"bank_s": time.perf_counter() - t0, "layers_built": len(todo), **parts}, device=str(device))
 
 
 def _bank_layer(layer, i, prefix, units, batches, workdir, bitwidths, group_size, symmetric, method, clip,
                 damp, device) -> dict:
     from .checkpoint import pack_weight
 
+    t_start = time.perf_counter()
     rel = layer_linears(layer)
     members = [m for u in units for m in u.members]
     relname = {m: m[len(f"{prefix}.{i}."):] for m in members}
@@ -284,11 +291,13 @@ def _bank_layer(layer, i, prefix, units, batches, workdir, bitwidths, group_size
             row = 0
             for m in ms:
                 n = W[m].shape[0]
-                q[(m, b)] = QuantizedWeight(r.codes[row:row + n].cpu(), r.scale[row:row + n].cpu(),
-                                            r.zero[row:row + n].cpu(), r.spec)
+                q[(m, b)] = QuantizedWeight(r.codes[row:row + n], r.scale[row:row + n], r.zero[row:row + n], r.spec)
                 row += n
         for m in ms:
             H_of[m] = H
+    t_stats = time.perf_counter()
+    # Error statistics and packing run where the layer runs (a GPU for large models); only the packed
+    # tensors travel to the host for the file.
     tensors = {}
     stats = {}
     for u in units:
@@ -298,16 +307,19 @@ def _bank_layer(layer, i, prefix, units, batches, workdir, bitwidths, group_size
         for b in bitwidths:
             err = werr = 0.0
             for m in u.members:
+                Wm = W[m].to(q[(m, b)].codes.device)
                 W_hat = q[(m, b)].dequantize()
-                err += output_error(W[m].cpu(), W_hat, H_of[m])
-                werr += float((W[m].cpu().double() - W_hat.double()).pow(2).sum())
+                err += output_error(Wm, W_hat, H_of[m])
+                werr += float((Wm.double() - W_hat.double()).pow(2).sum())
                 for k, v in pack_weight(q[(m, b)]).items():
-                    tensors[f"{m}.b{b}.{k}"] = v
+                    tensors[f"{m}.b{b}.{k}"] = v.cpu()
             st["t"][str(b)] = err / max(base, 1e-30)
             st["weight_error"][str(b)] = werr / max(wnorm, 1e-30)
         stats[u.name] = st
+    t_save = time.perf_counter()
     path = _layer_file(workdir, i)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"producer": "slq bank"})
     os.replace(tmp, path)
-    return stats
+    return stats, {"hessian_gptq_s": t_stats - t_start, "stats_pack_s": t_save - t_stats,
+                   "save_s": time.perf_counter() - t_save}

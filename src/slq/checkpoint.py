@@ -82,7 +82,7 @@ def pack_weight(q: QuantizedWeight) -> dict[str, torch.Tensor]:
     }
     if not q.spec.symmetric:
         pz = pack_to_int32((q.zero.to(torch.int32) - off).to(torch.int8), b, packed_dim=0)
-        full = torch.zeros(N, pz.shape[1], dtype=torch.int32)
+        full = torch.zeros(N, pz.shape[1], dtype=torch.int32, device=pz.device)
         full[: pz.shape[0]] = pz
         out["weight_zero_point"] = full
     return out
@@ -106,7 +106,7 @@ def unpack_weight(t: dict[str, torch.Tensor], spec: QuantSpec, name: str) -> Qua
     _expect(t["weight_scale"], (N, ng), torch.float16, f"{name}.weight_scale")
     codes = (unpack_from_int32(t["weight_packed"], b, torch.Size([N, K])).to(torch.int32) + off).to(torch.uint8)
     if spec.symmetric:
-        zero = torch.full((N, ng), off, dtype=torch.uint8)
+        zero = torch.full((N, ng), off, dtype=torch.uint8, device=t["weight_packed"].device)
     else:
         _expect(t["weight_zero_point"], (N, ng), torch.int32, f"{name}.weight_zero_point")
         zero = (unpack_from_int32(t["weight_zero_point"], b, torch.Size([N, ng]), packed_dim=0).to(torch.int32) + off)

@@ -167,6 +167,9 @@ class SearchSession:
                                group_size=group_size, symmetric=symmetric, method=method, clip=clip, device=device,
                                progress=progress)
         self.timings["bank_s"] = self.bank.timings["bank_s"]
+        for k in ("hessian_gptq_s", "stats_pack_s", "save_s"):  # where the bank's time went (layers built now)
+            if k in self.bank.timings:
+                self.timings[f"bank_{k}"] = self.bank.timings[k]
 
         t = time.perf_counter()
         self.ref_verify = CachedLogits().record(m, self.verify_w, device=device)
@@ -457,6 +460,7 @@ def search(
     out: str | Path | None = None,
     force: bool = False,
     plots: bool = True,
+    frontier: bool = True,
     **session,
 ) -> dict:
     """Run the search and (with ``out``) write the mixed-bitwidth checkpoint and its reports.
@@ -478,7 +482,7 @@ def search(
     t = time.perf_counter()
     base = s.baselines(baselines if baselines is not None else tuple(x for x in s.quant_bits if x >= 3))
     result["timings"]["verify_s"] += time.perf_counter() - t
-    report = s.report(result, base, s.frontier())
+    report = s.report(result, base, s.frontier() if frontier else [])
     if out is not None:
         s.save(report, out, force=force, plots=plots)
     return report

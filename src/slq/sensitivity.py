@@ -295,7 +295,7 @@ def fisher_estimator(model: nn.Module, bank: Bank, windows: torch.Tensor, *, dra
     deltas = {}
     for u, m in members:
         for b in bank.bitwidths:
-            deltas[(m, b)] = (bank.dequantized(u, m, b) - bank.original[m]).to(device, store)
+            deltas[(m, b)] = (bank.dequantized(u, m, b) - bank.original[m].to(bank.device)).to(device, store)
     params = {m: mods[m].weight for _, m in members}
     was = {m: p.requires_grad for m, p in params.items()}
     others = [p for p in model.parameters() if all(p is not q for q in params.values())]

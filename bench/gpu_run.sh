@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# What one device-tool call runs on the GPU machine (bare image, no network): install the wheels carried in
+# .whl/, point the tests at the carried copy of ../shared (.shared/), then run the named steps in order.
+#   bash bench/gpu_run.sh env tests tiny probe2      # smoke: versions, GPU tests, search on CUDA
+#   bash bench/gpu_run.sh full                       # bench/search_8b_gpu.py on the Llama-3-8B shape
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD/src SLQ_SHARED=$PWD/.shared PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/slq-out}; mkdir -p "$OUT"
+for step in "$@"; do
+  echo "=== $step $(date +%T)"
+  case $step in
+    env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+         python3 -c "import torch, triton, transformers, compressed_tensors, humming; print(torch.__version__, triton.__version__, transformers.__version__)";;
+    tests) timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_decode.py \
+             -k "cuda or gpu or backends" 2>&1 | tail -25;;
+    tiny) timeout 120 python3 bench/search_8b_gpu.py --shape tiny --out "$OUT/search_tiny_cuda.json";;
+    probe2) timeout 240 python3 bench/search_8b_gpu.py --layers 2 --out "$OUT/search_8b_2layers.json";;
+    probe16) timeout 420 python3 bench/search_8b_gpu.py --layers 16 --out "$OUT/search_8b_16layers.json";;
+    full) python3 bench/search_8b_gpu.py --out "$OUT/search_8b.json";;
+    *) echo "unknown step $step"; exit 2;;
+  esac
+done
+echo "=== done $(date +%T)"
