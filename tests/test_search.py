@@ -317,3 +317,25 @@ def test_kept_16bit_units_load_in_plain_transformers(stories_dir, tmp_path):
         plain = AutoModelForCausalLM.from_pretrained(out).eval()
         ours = load(out)
         torch.testing.assert_close(plain(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bank_fingerprint_does_not_depend_on_thread_count():
+    """The work-directory fingerprint must be the same for any number of threads: a float sum's rounding
+    depends on the reduction order, and a bank built with one thread was once refused with two."""
+    from slq.bank import fingerprint
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(2048, 1024)
+    win = torch.zeros(1, 4, dtype=torch.long)
+    before = torch.get_num_threads()
+    try:
+        fps = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            fps.append(fingerprint(lin, win, {"a": 1}))
+    finally:
+        torch.set_num_threads(before)
+    assert fps[0] == fps[1]
+    with torch.no_grad():
+        lin.weight[3, 5] += 1e-3  # and it still sees a change of one weight
+    assert fingerprint(lin, win, {"a": 1}) != fps[0]

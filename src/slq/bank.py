@@ -60,8 +60,10 @@ def fingerprint(model: nn.Module, windows: torch.Tensor | None, settings: dict) 
     if windows is not None:
         h.update(windows.to(torch.int64).cpu().numpy().tobytes())
     for name, p in model.named_parameters():
-        x = p.detach().float().flatten()  # statistics on the weight's own device; only three numbers move
-        stats = torch.stack([x.sum(), x.abs().sum(), x[:: max(1, x.numel() // 997)].sum()])
+        # Integer sums of the fp32 bit patterns: exact and order-free, so the hash is the same for any
+        # thread count or device (a float sum is not: its rounding depends on the reduction order).
+        x = p.detach().float().flatten().view(torch.int32).to(torch.int64)
+        stats = torch.stack([x.sum(), x[:: max(1, x.numel() // 997)].sum(), (x * x.remainder(7)).sum()])
         h.update(name.encode())
         h.update(stats.cpu().numpy().tobytes())
     return h.hexdigest()[:32]

@@ -13,6 +13,7 @@ Group parameters are computed from the *updated* weights when a group starts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -112,26 +113,35 @@ def gptq_quantize_many(
     zeros = torch.zeros(NR, K // G, dtype=torch.int64, device=W.device)
     if per_channel:  # one group: parameters from the whole row, before any update
         scales, zeros = qparams(W, spec0, G, clip=clip, maxq=maxq)
+    # Two levels of lazy updates: inside a sub-block of `inner` columns the rank-1 updates touch only that
+    # sub-block; its errors reach the rest of the block in one product, and the rest of the matrix after the
+    # block (the reads per column drop from the block's width to the sub-block's). Group starts are
+    # sub-block starts, and every earlier error has been applied to the group's columns by then.
+    inner = math.gcd(B, G if not per_channel else B, 16)
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = col // G
-            if not per_channel and col % G == 0:
-                # B is a multiple of G, so the whole group lies in this block.
-                s, z = qparams(W1[:, i : i + G], spec0, G, clip=clip, maxq=maxq)
-                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
-            s, z = scales[:, g : g + 1], zeros[:, g : g + 1]
-            w = W1[:, i : i + 1]
-            q = _codes(w.unsqueeze(1), s, z, maxq).reshape(NR, 1)
-            codes[:, col] = q[:, 0].to(torch.uint8)
-            wq = _dequant_grouped(q.unsqueeze(1), s, z).reshape(NR, 1)
-            err = (w - wq) / U1[i, i]
-            W1[:, i:] -= err @ U1[i : i + 1, i:]
-            Err1[:, i] = err[:, 0]
+        for j1 in range(0, i2 - i1, inner):
+            j2 = min(j1 + inner, i2 - i1)
+            for i in range(j1, j2):
+                col = i1 + i
+                g = col // G
+                if not per_channel and col % G == 0:
+                    # B is a multiple of G, so the whole group lies in this block.
+                    s, z = qparams(W1[:, i : i + G], spec0, G, clip=clip, maxq=maxq)
+                    scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+                s, z = scales[:, g : g + 1], zeros[:, g : g + 1]
+                w = W1[:, i : i + 1]
+                q = _codes(w.unsqueeze(1), s, z, maxq).reshape(NR, 1)
+                codes[:, col] = q[:, 0].to(torch.uint8)
+                wq = _dequant_grouped(q.unsqueeze(1), s, z).reshape(NR, 1)
+                err = (w - wq) / U1[i, i]
+                W1[:, i:j2] -= err @ U1[i : i + 1, i:j2]
+                Err1[:, i] = err[:, 0]
+            if j2 < i2 - i1:
+                W1[:, j2:] -= Err1[:, j1:j2] @ U1[j1:j2, j2:]
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     zeros = zeros.to(torch.uint8)
     return [QuantizedWeight(codes[r * N:(r + 1) * N], scales[r * N:(r + 1) * N], zeros[r * N:(r + 1) * N], s)
