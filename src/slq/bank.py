@@ -46,7 +46,7 @@ from .progress import progress_bar
 from .spec import QuantSpec, resolve_group_size
 from .units import KEEP_BITS, Unit
 
-BANK_VERSION = 1
+BANK_VERSION = 2  # 2: two-level GPTQ updates (codes can differ from version 1 at rounding ties)
 META = "bank.json"
 
 
