@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from slq import benchmark  # noqa: E402
 from slq.kernels import triton_gemv as tg  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -63,31 +64,8 @@ def qbytes(n: int, k: int, b: int) -> float:
 
 
 def time_graph(fn, iters: int = 30, warm: int = 3) -> float:
-    """Median ms of one replay of a CUDA graph that captured fn()."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(warm):
-        g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        ts.append(a.elapsed_time(e))
-    del g
-    ts.sort()
-    return ts[len(ts) // 2]
+    """Median ms of one replay of a CUDA graph that captured fn() (the library's timer, 30 replays)."""
+    return benchmark.time_graph(fn, iters=iters, warm=warm)
 
 
 def copy_bandwidth() -> float:

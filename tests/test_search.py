@@ -281,6 +281,11 @@ def test_cli_search_and_bad_input(stories_dir, tmp_path):
         r = runner.invoke(app, ["quantize", *base, *bad, "--out", str(tmp_path / "bad")])
         assert r.exit_code == 1 and "error:" in r.output and msg in r.output, r.output
         assert not (tmp_path / "bad").exists()
+    # an unreachable budget is refused before any bank work: a fresh work directory stays empty
+    fresh = [a if a != str(tmp_path / "w") else str(tmp_path / "w2") for a in base]
+    r = runner.invoke(app, ["quantize", *fresh, "--bits", "1.5", "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 1 and "below the smallest reachable" in r.output, r.output
+    assert not (tmp_path / "w2" / "bank").exists()
 
 
 def test_tl_search_calibrates_at_the_4bit_anchor(stories_dir, tmp_path):

@@ -155,7 +155,7 @@ def sync(device: torch.device) -> None:
 
 
 def time_graph(fn, iters: int = 20, warm: int = 3) -> float:
-    """Median ms of one replay of a CUDA graph that captured ``fn()`` (as bench/kernels_gpu.py)."""
+    """Median ms of one replay of a CUDA graph that captured ``fn()`` (bench/kernels_gpu.py uses this one too)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):

@@ -109,7 +109,7 @@ class SearchSession:
                  group_size=128, symmetric=False, method="gptq", calib=None, calib_samples=32, seq_len=512,
                  sens_windows=8, sens_seq_len=None, verify_windows=16, verify_data=None, probe_bits=(4,),
                  orderings=2, fisher_draws=1, map_bits=(4, 5, 6, 7, 8), clip=True, device="cpu", seed=0,
-                 workdir=None, progress=True, trust_remote_code=False):
+                 workdir=None, progress=True, trust_remote_code=False, target_check=None):
         from .api import open_model
         from .models import check_finite, is_slq_checkpoint
 
@@ -143,6 +143,8 @@ class SearchSession:
         self.units = build_units(self.model, units)
         self.n_params = sum(u.n_params for u in self.units)
         self.timings: dict[str, float] = {}
+        if target_check is not None:  # fail before the (long) bank is built
+            self.check_target(**target_check)
 
         t = time.perf_counter()
         m, tok = self.model, self.tok
@@ -246,11 +248,8 @@ class SearchSession:
 
     # ---------------------------------------------------------------- targets
 
-    def run(self, target="dl", *, ear=0.99, recovery=0.99, bits=None, tasks=None, task_limit=200, task_dir=None,
-            tolerance=0.01, max_rounds=4) -> dict:
-        """Rounds of allocate -> assemble -> measure for one target; returns {rounds, accepted, anchor}."""
-        from .tasks import compare_tasks
-
+    def check_target(self, target="dl", *, ear=0.99, recovery=0.99, bits=None) -> None:
+        """Reject a target that cannot be met; needs only the units (so it runs before the bank is built)."""
         if target not in TARGETS:
             raise SlqError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
         if target == "bits" and bits is None:
@@ -260,10 +259,18 @@ class SearchSession:
         if target == "tl" and 4 not in self.quant_bits:
             raise SlqError("the task-lossless target calibrates at a uniform 4-bit anchor: include 4 in --bitwidths")
         if target == "bits":
-            lo = self.bits_per_param(self.uniform(min(self.quant_bits)))
+            lo = sum(storage_bits(u, min(self.quant_bits), self.group_size, self.symmetric)
+                     for u in self.units) / self.n_params
             if bits < lo:
                 raise SlqError(f"--bits {bits} is below the smallest reachable {lo:.4f} bits/param "
                                f"(all units at {min(self.quant_bits)} bits)")
+
+    def run(self, target="dl", *, ear=0.99, recovery=0.99, bits=None, tasks=None, task_limit=200, task_dir=None,
+            tolerance=0.01, max_rounds=4) -> dict:
+        """Rounds of allocate -> assemble -> measure for one target; returns {rounds, accepted, anchor}."""
+        from .tasks import compare_tasks
+
+        self.check_target(target, ear=ear, recovery=recovery, bits=bits)
         t_run = time.perf_counter()
         timings = {"solve_s": 0.0, "verify_s": 0.0}
         anchor = None
@@ -476,7 +483,7 @@ def search(
         raise SlqError("target 'bits' needs a bits-per-parameter budget")
     if out is not None and Path(out).exists() and not force:
         raise SlqError(f"output directory {out} exists; pass --force to replace it")
-    s = SearchSession(model, **session)
+    s = SearchSession(model, target_check=dict(target=target, ear=ear, recovery=recovery, bits=bits), **session)
     result = s.run(target, ear=ear, recovery=recovery, bits=bits, tasks=tasks, task_limit=task_limit,
                    task_dir=task_dir, tolerance=tolerance, max_rounds=max_rounds)
     t = time.perf_counter()
