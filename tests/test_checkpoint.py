@@ -148,3 +148,12 @@ def test_layers_kept_unquantized_stay_dense_in_the_checkpoint(stories, tmp_path)
     x = torch.randint(0, 512, (1, 20))
     with torch.no_grad():
         assert torch.equal(ours(x).logits, dense(x).logits)
+
+
+def test_config_that_is_not_json_fails_with_clear_message(small_ckpt):
+    (small_ckpt / "config.json").write_text("{ not json")
+    with pytest.raises(SlqError, match=r"corrupt checkpoint: its config .*config\.json is not JSON"):
+        load(small_ckpt)
+    (small_ckpt / "config.json").unlink()
+    with pytest.raises(SlqError, match="is not a checkpoint: config.json is missing"):
+        load(small_ckpt)

@@ -320,13 +320,10 @@ def pattern_plan(units, target: float, group: int | None) -> tuple[dict, dict]:
 def file_plan(path: str, units) -> dict:
     """unit -> bits from a JSON file: {unit name: bits} or {kind: bits} (every layer), optionally
     under an "allocation" or "bits" key; 16 keeps a unit in FP16."""
+    from .report import read_json
+
     p = Path(path)
-    if not p.is_file():
-        raise SlqError(f"plan {path!r} is not dl, tl or an existing JSON file")
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise SlqError(f"plan file {p} is not JSON ({e})") from e
+    d = read_json(p, "plan file", missing=f"plan {path!r} is not dl, tl or an existing JSON file")
     for key in ("allocation", "bits"):
         if isinstance(d, dict) and isinstance(d.get(key), dict):
             d = d[key]

@@ -30,6 +30,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .report import read_json
+
 from .atomic import atomic_directory
 from .errors import SlqError
 from .grid import QuantizedWeight
@@ -240,12 +242,7 @@ def load(path: str | os.PathLike, *, backend: str = "reference", device: str = "
         raise SlqError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
     path = Path(path)
     cfg_path, w_path = path / "config.json", path / WEIGHTS
-    if not cfg_path.is_file():
-        raise SlqError(f"{path} is not a checkpoint: config.json is missing")
-    try:
-        cfg_dict = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise SlqError(f"corrupt checkpoint {path}: config.json is not JSON ({e})") from e
+    cfg_dict = read_json(cfg_path, "corrupt checkpoint: its config", missing=f"{path} is not a checkpoint: config.json is missing")
     if not w_path.is_file():
         raise SlqError(f"corrupt or incomplete checkpoint {path}: {WEIGHTS} is missing")
     specs = read_specs(cfg_dict)

@@ -1,4 +1,4 @@
-"""Report files: JSON written atomically (temporary file, then rename)."""
+"""Report files: JSON written atomically (temporary file, then rename), and read with one clear error."""
 
 from __future__ import annotations
 
@@ -32,3 +32,18 @@ def write_json(path: str | os.PathLike, data: dict) -> Path:
         os.unlink(tmp)
         raise
     return path
+
+
+def read_json(path: str | os.PathLike, what: str, missing: str | None = None):
+    """The parsed JSON of ``path``; a missing file or bad JSON raises :class:`SlqError` naming ``what``.
+
+    ``missing`` replaces the message for a missing file."""
+    from .errors import SlqError
+
+    p = Path(path)
+    if not p.is_file():
+        raise SlqError(missing or f"{what} {p} does not exist")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise SlqError(f"{what} {p} is not JSON ({e})") from e

@@ -52,13 +52,9 @@ class Row:
 def read_table(table) -> list[Row]:
     """Rows of a measured table (a path or an already-parsed dict)."""
     if isinstance(table, (str, os.PathLike)):
-        p = Path(table)
-        if not p.is_file():
-            raise SlqError(f"kernel table {p} does not exist")
-        try:
-            table = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise SlqError(f"kernel table {p} is not JSON ({e})") from e
+        from ..report import read_json
+
+        table = read_json(table, "kernel table")
     if not isinstance(table, dict):
         raise SlqError("a kernel table must be a JSON object")
     out: list[Row] = []
