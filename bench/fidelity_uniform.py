@@ -7,7 +7,9 @@ those windows); zero-shot PIQA / ARC-Easy / HellaSwag / WinoGrande on the first 
 each, with paired tests. Also the gamma^2 law: KL(sym)/KL(asym) per bitwidth next to mean gamma^2, and
 the throughput of the streaming comparison against one reference forward over the same tokens.
 
-Resumable: each finished configuration is appended to ``<out>.partial.jsonl``; rerunning skips them.
+Resumable: each finished configuration is appended to ``<out>.partial.jsonl``; rerunning skips them. A row
+measured without the tasks that a rerun asks for (``--task-configs``/``--task-bits``) is re-quantized (the
+quantization is deterministic) and gets them.
 
     python bench/fidelity_uniform.py                       # full grid (hours on 2 CPU cores)
     python bench/fidelity_uniform.py --bits 8 --methods rtn --windows 2 --on-policy 2 --task-limit 5   # smoke
@@ -113,7 +115,7 @@ def main():
             r = json.loads(line)
             done[(r["method"], r["bits"], r["symmetric"])] = r
     rows = []
-    reused = 0
+    reused = added = 0
     if args.report_only:  # the rows of interrupted / split runs, from their partial files (no quantizing)
         rows = list(done.values())
         args.methods = ""
@@ -121,7 +123,9 @@ def main():
         for grid in args.grids.split(","):
             for bits in (int(b) for b in args.bits.split(",")):
                 key = (method, bits, grid == "sym")
-                if key in done:
+                task_bits = {int(x) for x in args.task_bits.split(",") if x}
+                wants = (task_configs is None or f"{method}-{grid}" in task_configs) and (not task_bits or bits in task_bits)
+                if key in done and (not wants or done[key]["fidelity"].get("tasks")):
                     rows.append(done[key])
                     reused += 1
                     continue
@@ -130,11 +134,24 @@ def main():
                 res = quantize_model(cand, QuantSpec(bits, args.group_size, grid == "sym"), method=method,
                                      windows=calib if method == "gptq" else None, progress=False)
                 quant_s = time.perf_counter() - t
+                if key in done:  # measured before without tasks: the same (deterministic) quantization gets them now
+                    row = done[key]
+                    t = time.perf_counter()
+                    cand_tasks = {t: score_task(cand, tok, t, its, progress=False) for t, its in items.items()}
+                    row["fidelity"]["tasks"] = compare_tasks(ref_tasks, cand_tasks)
+                    row["fidelity"]["tasks"]["wall_s"] = time.perf_counter() - t
+                    row["fidelity"]["tasks"]["added_later"] = f"task_limit {args.task_limit}"
+                    with partial.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    rows.append(row)
+                    print(f"{method} b={bits} {grid}: tasks added", flush=True)
+                    added += 1
+                    del cand
+                    continue
                 fid = compare_windows(ref_wiki, cand, wiki, progress=False)
                 if args.on_policy:
                     fid.on_policy = compare_windows(ref_op, cand, op_windows, mask=op_mask, progress=False)
-                task_bits = {int(x) for x in args.task_bits.split(",") if x}
-                if (task_configs is None or f"{method}-{grid}" in task_configs) and (not task_bits or bits in task_bits):
+                if wants:
                     t = time.perf_counter()
                     cand_tasks = {t: score_task(cand, tok, t, its, progress=False) for t, its in items.items()}
                     fid.tasks = compare_tasks(ref_tasks, cand_tasks)
@@ -169,9 +186,10 @@ def main():
         "throughput": throughput,
         "assembled": ("rows from partial files of split/interrupted runs (same settings); throughput measured "
                       "in the assembling run") if args.report_only else
-                     (f"{len(rows) - reused} configurations run in this process; {reused} rows reused from earlier "
-                      "runs with the same settings (result file / partial files); throughput measured in this run"
-                      if reused else "one run"),
+                     (f"{len(rows) - reused - added} configurations run in this process; {reused} rows reused from "
+                      f"earlier runs with the same settings (result file / partial files); {added} earlier rows got "
+                      "their zero-shot tasks in this process (re-quantized); throughput measured in this run"
+                      if reused or added else "one run"),
         "reference_cached_s": reference_s,
         "timing_note": ("fidelity tokens/s count both models; the reference side replays logits cached once "
                         "(CachedLogits), so per configuration only the candidate runs"),
