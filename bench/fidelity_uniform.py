@@ -140,7 +140,9 @@ def main():
                     cand_tasks = {t: score_task(cand, tok, t, its, progress=False) for t, its in items.items()}
                     row["fidelity"]["tasks"] = compare_tasks(ref_tasks, cand_tasks)
                     row["fidelity"]["tasks"]["wall_s"] = time.perf_counter() - t
-                    row["fidelity"]["tasks"]["added_later"] = f"task_limit {args.task_limit}"
+                    row["fidelity"]["tasks"]["added_later"] = (
+                        f"task_limit {args.task_limit}; re-quantized by commit {git_commit(REPO)}, whose codes can "
+                        "differ from the measured row's at rounding ties if the quantizer changed in between")
                     with partial.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     rows.append(row)
