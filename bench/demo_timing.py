@@ -36,12 +36,19 @@ def main():
     if proc.returncode:
         sys.exit(f"error: make demo failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     report = json.loads((REPO / "out" / "demo" / "slq_report.json").read_text())
-    demo_cmd = next(line.strip() for line in (REPO / "Makefile").read_text().splitlines() if "--target dl" in line)
+    lines = (REPO / "Makefile").read_text().splitlines()
+    i = next(k for k, line in enumerate(lines) if "--target dl" in line)
+    parts = [lines[i].strip()]
+    while parts[-1].endswith("\\"):
+        i += 1
+        parts[-1] = parts[-1][:-1].strip()
+        parts.append(lines[i].strip())
+    demo_cmd = " ".join(parts).replace("$(BIN)/", "")
     result = {
         "benchmark": "demo_timing",
         "device": f"cpu: {platform.machine()}, {os.cpu_count()} cores",
         "versions": versions(), "git_commit": git_commit(REPO),
-        "command": "make demo: " + demo_cmd + " ...",
+        "command": demo_cmd,
         "cache": "empty (a fresh SLQ_CACHE): model conversion and bank included; pip install not included",
         "wall_s": wall, "goal_s": 600, "goal_met": wall < 600,
         "report_timings": report["timings"],

@@ -344,3 +344,20 @@ def test_bank_fingerprint_does_not_depend_on_thread_count():
     with torch.no_grad():
         lin.weight[3, 5] += 1e-3  # and it still sees a change of one weight
     assert fingerprint(lin, win, {"a": 1}) != fps[0]
+
+
+def test_generated_calibration_and_verification_are_independent_draws(stories_dir, tmp_path):
+    """With generated data both come from one sampling pass: the calibration is what the data module
+    samples alone, and the verification windows are other sequences (held out)."""
+    from slq.data import generated_windows
+    from slq.search import SearchSession
+
+    s = SearchSession(str(stories_dir), calib="generated", calib_samples=4, seq_len=32, sens_windows=2,
+                      verify_windows=3, group_size=GS, bitwidths=(8, 16), map_bits=(8,),
+                      workdir=tmp_path / "w", progress=False)
+    assert s.probe_bits == (8,)  # the default probe (4 bits) falls back to the candidate nearest to it
+    alone = generated_windows(s.model, s.tok, 4, 32, seed=0)
+    assert torch.equal(s.calib_w, alone)
+    assert s.verify_w.shape == (3, 32)
+    for v in s.verify_w:
+        assert not any(torch.equal(v, c) for c in s.calib_w)

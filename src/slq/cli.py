@@ -89,7 +89,8 @@ def quantize(
     sens_windows: int = typer.Option(8, "--sens-windows", help="search: calibration windows used for sensitivities"),
     sens_seq_len: Optional[int] = typer.Option(None, "--sens-seq-len", help="search: tokens per sensitivity window (default --seq-len)"),
     verify_windows: int = typer.Option(16, "--verify-windows", help="search: held-out windows for verification"),
-    probe_bits: str = typer.Option("4", "--probe-bits", help="linear estimator: probe bitwidth(s)"),
+    probe_bits: Optional[str] = typer.Option(None, "--probe-bits",
+                                             help="linear estimator: probe bitwidth(s) (default 4, or the candidate nearest to it)"),
     orderings: int = typer.Option(2, "--orderings", help="Shapley estimator: random orderings"),
     max_rounds: int = typer.Option(4, "--max-rounds", help="search: verification rounds at most"),
     baselines: Optional[str] = typer.Option(None, "--baselines", help="search: uniform bitwidths measured for the report (default 3..8)"),
@@ -139,7 +140,7 @@ def quantize(
                       estimator=estimator, group_size=_group(group_size), symmetric=sym, method=method, calib=calib,
                       calib_samples=calib_samples, seq_len=seq_len, sens_windows=sens_windows,
                       sens_seq_len=sens_seq_len, verify_windows=verify_windows,
-                      probe_bits=_int_list(probe_bits, "--probe-bits"), orderings=orderings, max_rounds=max_rounds,
+                      probe_bits=None if probe_bits is None else _int_list(probe_bits, "--probe-bits"), orderings=orderings, max_rounds=max_rounds,
                       baselines=_int_list(baselines, "--baselines") if baselines else None, clip=not no_clip,
                       device=device, seed=seed, workdir=workdir, out=out, force=force,
                       progress=sys.stderr.isatty(), trust_remote_code=trust_remote_code)

@@ -31,7 +31,7 @@ import torch
 
 from .allocate import allocate
 from .bank import Bank, build_bank
-from .data import GENERATED, windows_from_source
+from .data import GENERATED, generated_windows, windows_from_source
 from .errors import SlqError
 from .fidelity import CachedLogits, compare_windows
 from .progress import progress_bar  # noqa: F401  (re-exported for callers that show their own bars)
@@ -107,7 +107,7 @@ class SearchSession:
 
     def __init__(self, model=None, *, bitwidths=DEFAULT_BITWIDTHS, units="fused", estimator="linear",
                  group_size=128, symmetric=False, method="gptq", calib=None, calib_samples=32, seq_len=512,
-                 sens_windows=8, sens_seq_len=None, verify_windows=16, verify_data=None, probe_bits=(4,),
+                 sens_windows=8, sens_seq_len=None, verify_windows=16, verify_data=None, probe_bits=None,
                  orderings=2, fisher_draws=1, map_bits=(4, 5, 6, 7, 8), clip=True, device="cpu", seed=0,
                  workdir=None, progress=True, trust_remote_code=False, target_check=None):
         from .api import open_model
@@ -126,6 +126,8 @@ class SearchSession:
             raise SlqError("--device cuda was asked for but CUDA is not available")
         if sens_windows < 1 or verify_windows < 1 or calib_samples < sens_windows:
             raise SlqError("need --verify-windows >= 1 and 1 <= --sens-windows <= --calib-samples")
+        if probe_bits is None:  # 4 bits, or the candidate nearest to it
+            probe_bits = (min(self.quant_bits, key=lambda b: (abs(b - 4), b)),)
         for b in probe_bits:
             if b not in self.quant_bits:
                 raise SlqError(f"probe bitwidth {b} is not among --bitwidths")
@@ -148,12 +150,20 @@ class SearchSession:
 
         t = time.perf_counter()
         m, tok = self.model, self.tok
-        self.calib_w = windows_from_source(calib, m, tok, n=calib_samples, seq_len=seq_len, seed=seed, device=device,
-                                           progress=progress)
-        if verify_data is None:
+        if verify_data is None and (calib is None or calib == GENERATED):
+            # One sampling pass for both: sequence i depends only on (seed, i), so the first calib_samples are the
+            # calibration and the next verify_windows, independent draws, are held out (half the decode steps).
+            both = generated_windows(m, tok, calib_samples + verify_windows, seq_len, seed=seed, device=device,
+                                     progress=progress)
+            self.calib_w, self.verify_w = both[:calib_samples], both[calib_samples:]
+        elif verify_data is None:
+            self.calib_w = windows_from_source(calib, m, tok, n=calib_samples, seq_len=seq_len, seed=seed,
+                                               device=device, progress=progress)
             self.verify_w = windows_from_source(calib, m, tok, n=verify_windows, seq_len=seq_len, skip=calib_samples,
                                                 seed=seed, device=device, progress=progress)
         else:  # another source: held out by construction (e.g. WikiText-2 test against C4 calibration)
+            self.calib_w = windows_from_source(calib, m, tok, n=calib_samples, seq_len=seq_len, seed=seed,
+                                               device=device, progress=progress)
             self.verify_w = windows_from_source(verify_data, m, tok, n=verify_windows, seq_len=seq_len,
                                                 seed=seed + 1, device=device, progress=progress)
         self.sens_w = self.calib_w[:sens_windows, : (sens_seq_len or seq_len)]
