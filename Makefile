@@ -24,7 +24,7 @@ install: $(STAMP)
 # held-out sampled tokens (EAR 95% lower bound >= 0.99), uniform 4/6/8-bit baselines for the report.
 demo: install
 	$(BIN)/slq quantize --target dl --ear 0.99 --group-size 64 --bitwidths 6,7,8,16 --estimator fisher \
-		--calib-samples 16 --seq-len 256 --sens-windows 8 --sens-seq-len 128 --verify-windows 16 \
+		--calib-samples 16 --seq-len 192 --sens-windows 8 --sens-seq-len 128 --verify-windows 16 \
 		--baselines 8 --out out/demo --force
 	$(BIN)/slq info out/demo
 
