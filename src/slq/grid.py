@@ -62,10 +62,8 @@ def _fp16_ceil(x: torch.Tensor) -> torch.Tensor:
     """Smallest fp16 value >= x (x > 0), returned as fp16."""
     x = x.clamp(min=_FP16_TINY, max=65504.0)
     h = x.to(torch.float16)
-    low = h.float() < x
-    if low.any():
-        h = torch.where(low, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
-    return h
+    low = h.float() < x  # no .any() test: on a GPU it would wait for the device at every call
+    return torch.where(low, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
 
 
 def _grouped(w: torch.Tensor, G: int) -> torch.Tensor:
@@ -75,7 +73,8 @@ def _grouped(w: torch.Tensor, G: int) -> torch.Tensor:
     return w.reshape(N, K // G, G)
 
 
-def _params_for_shrink(wg: torch.Tensor, spec: QuantSpec, p: float, maxq=None) -> tuple[torch.Tensor, torch.Tensor]:
+def _params_for_shrink(wg: torch.Tensor, spec: QuantSpec, p: float, maxq=None,
+                       extremes: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (fp16) and zero (int64) per group, range shrunk by factor p. wg: [N, ng, G].
 
     ``maxq`` (default ``spec.maxq``) may be a float tensor [N, 1] giving each row its own bitwidth
@@ -84,16 +83,17 @@ def _params_for_shrink(wg: torch.Tensor, spec: QuantSpec, p: float, maxq=None) -
     """
     if maxq is None:
         maxq = spec.maxq
+    wmin, wmax = extremes if extremes is not None else (wg.amin(dim=-1), wg.amax(dim=-1))
     if spec.symmetric:
-        M = wg.abs().amax(dim=-1) * p
+        M = torch.maximum(wmax, -wmin) * p
         scale = _fp16_ceil(2.0 * M / maxq)
         if isinstance(maxq, torch.Tensor):
             zero = ((maxq + 1) / 2).to(torch.int64).expand_as(M).clone()
         else:
             zero = torch.full_like(M, (maxq + 1) // 2, dtype=torch.int64)
         return scale, zero
-    lo = wg.amin(dim=-1).clamp(max=0.0) * p
-    hi = wg.amax(dim=-1).clamp(min=0.0) * p
+    lo = wmin.clamp(max=0.0) * p
+    hi = wmax.clamp(min=0.0) * p
     scale = _fp16_ceil((hi - lo) / maxq)
     zero = torch.minimum(torch.round(-lo / scale.float()).clamp(min=0), torch.as_tensor(maxq, dtype=lo.dtype))
     return scale, zero.to(torch.int64)
@@ -122,12 +122,13 @@ def qparams(w: torch.Tensor, spec: QuantSpec, G: int, clip: bool = True, maxq=No
     if maxq is None:
         maxq = spec.maxq
     wg = _grouped(w.float(), G)
-    scale, zero = _params_for_shrink(wg, spec, 1.0, maxq)
+    ext = (wg.amin(dim=-1), wg.amax(dim=-1))  # one pass for all shrink factors
+    scale, zero = _params_for_shrink(wg, spec, 1.0, maxq, ext)
     if not clip:
         return scale, zero
     best = (_dequant_grouped(_codes(wg, scale, zero, maxq), scale, zero) - wg).pow(2).sum(-1)
     for p in CLIP_GRID[1:]:
-        s_p, z_p = _params_for_shrink(wg, spec, p, maxq)
+        s_p, z_p = _params_for_shrink(wg, spec, p, maxq, ext)
         err = (_dequant_grouped(_codes(wg, s_p, z_p, maxq), s_p, z_p) - wg).pow(2).sum(-1)
         better = err < best
         best = torch.where(better, err, best)
