@@ -112,6 +112,21 @@ def _dequant_grouped(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
     return (q - zero.unsqueeze(-1)) * scale.float().unsqueeze(-1)
 
 
+def _group_sq_error(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq) -> torch.Tensor:
+    """Per-group sum of (dequantized - w)^2: the same numbers as dequantizing :func:`_codes`, in fewer passes.
+
+    clamp(round(w/s) + z, 0, maxq) - z equals clamp(round(w/s), -z, maxq - z) exactly (small integers
+    in fp32), so the zero point is never added and taken off again, and every step runs in place.
+    """
+    s = scale.float().unsqueeze(-1)
+    z = zero.to(torch.float32).unsqueeze(-1)
+    hi = (maxq.unsqueeze(-1) if isinstance(maxq, torch.Tensor) else float(maxq)) - z
+    e = torch.div(wg, s).round_()
+    e = torch.maximum(e, -z, out=e)
+    e = torch.minimum(e, hi, out=e)
+    return e.mul_(s).sub_(wg).square_().sum(-1)
+
+
 def qparams(w: torch.Tensor, spec: QuantSpec, G: int, clip: bool = True, maxq=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale (fp16 [N, K/G]) and zero (int64 [N, K/G]) for w [N, K].
 
@@ -126,10 +141,10 @@ def qparams(w: torch.Tensor, spec: QuantSpec, G: int, clip: bool = True, maxq=No
     scale, zero = _params_for_shrink(wg, spec, 1.0, maxq, ext)
     if not clip:
         return scale, zero
-    best = (_dequant_grouped(_codes(wg, scale, zero, maxq), scale, zero) - wg).pow(2).sum(-1)
+    best = _group_sq_error(wg, scale, zero, maxq)
     for p in CLIP_GRID[1:]:
         s_p, z_p = _params_for_shrink(wg, spec, p, maxq, ext)
-        err = (_dequant_grouped(_codes(wg, s_p, z_p, maxq), s_p, z_p) - wg).pow(2).sum(-1)
+        err = _group_sq_error(wg, s_p, z_p, maxq)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s_p, scale)
