@@ -105,3 +105,20 @@ def test_quantize_dequantize_roundtrip_of_grid_points(rng):
     assert torch.equal(dequantize(codes2, q.scale, q.zero, 64), q.dequantize())
     s, z = qparams(w, spec, 64, clip=False)
     assert s.dtype == torch.float16 and s.shape == (w.shape[0], w.shape[1] // 64)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_clip_search_error_equals_dequantizing_the_codes(sym):
+    """The clip search's fast per-group error is exactly the error of dequantizing the codes, for one
+    bitwidth and for a per-row bitwidth tensor (the bank's multi-bitwidth pass)."""
+    from slq.grid import _codes, _dequant_grouped, _group_sq_error, _params_for_shrink
+
+    gen = torch.Generator().manual_seed(11)
+    wg = (torch.randn(12, 5, 32, generator=gen) * torch.rand(12, 1, 1, generator=gen) * 3).float()
+    spec = QuantSpec(4, 32, sym)
+    per_row = torch.tensor([float(2 ** b - 1) for b in (2, 3, 4, 5, 6, 7, 8, 8, 3, 4, 2, 6)])[:, None]
+    for maxq in (spec.maxq, per_row):
+        for p in (1.0, 0.8, 0.5):
+            s, z = _params_for_shrink(wg, spec, p, maxq)
+            want = (_dequant_grouped(_codes(wg, s, z, maxq), s, z) - wg).pow(2).sum(-1)
+            assert torch.equal(_group_sq_error(wg, s, z, maxq), want)
