@@ -3,6 +3,13 @@
 # .whl/, point the tests at the carried copy of ../shared (.shared/), then run the named steps in order.
 #   bash bench/gpu_run.sh env tests tiny probe2      # smoke: versions, GPU tests, search on CUDA
 #   bash bench/gpu_run.sh full                       # bench/search_8b_gpu.py on the Llama-3-8B shape
+# Preparing the two carried folders here (both are git-ignored):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl \
+#     humming-kernels==0.1.19 compressed-tensors==0.20.1 pydantic==2.14.4 pydantic_core==2.50.5 loguru==0.7.3 \
+#     annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 gguf==0.19.0 scipy==1.17.1
+#   mkdir -p .shared/models .shared/data && cp -r ../shared/models/stories260K .shared/models/ \
+#     && cp -r ../shared/data/{wikitext2,calib,tasks,README.md} .shared/data/
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
