@@ -114,6 +114,13 @@ def main():
         for line in partial.read_text().splitlines():
             r = json.loads(line)
             done[(r["method"], r["bits"], r["symmetric"])] = r
+    def tasks_of(cand) -> dict:
+        """Paired zero-shot comparison of a candidate with the reference, timed."""
+        t = time.perf_counter()
+        out = compare_tasks(ref_tasks, {n: score_task(cand, tok, n, its, progress=False) for n, its in items.items()})
+        out["wall_s"] = time.perf_counter() - t
+        return out
+
     rows = []
     reused = added = 0
     if args.report_only:  # the rows of interrupted / split runs, from their partial files (no quantizing)
@@ -136,10 +143,7 @@ def main():
                 quant_s = time.perf_counter() - t
                 if key in done:  # measured before without tasks: the same (deterministic) quantization gets them now
                     row = done[key]
-                    t = time.perf_counter()
-                    cand_tasks = {t: score_task(cand, tok, t, its, progress=False) for t, its in items.items()}
-                    row["fidelity"]["tasks"] = compare_tasks(ref_tasks, cand_tasks)
-                    row["fidelity"]["tasks"]["wall_s"] = time.perf_counter() - t
+                    row["fidelity"]["tasks"] = tasks_of(cand)
                     row["fidelity"]["tasks"]["added_later"] = (
                         f"task_limit {args.task_limit}; re-quantized by commit {git_commit(REPO)}, whose codes can "
                         "differ from the measured row's at rounding ties if the quantizer changed in between")
@@ -154,10 +158,7 @@ def main():
                 if args.on_policy:
                     fid.on_policy = compare_windows(ref_op, cand, op_windows, mask=op_mask, progress=False)
                 if wants:
-                    t = time.perf_counter()
-                    cand_tasks = {t: score_task(cand, tok, t, its, progress=False) for t, its in items.items()}
-                    fid.tasks = compare_tasks(ref_tasks, cand_tasks)
-                    fid.tasks["wall_s"] = time.perf_counter() - t
+                    fid.tasks = tasks_of(cand)
                 row = {"method": method, "bits": bits, "symmetric": grid == "sym", "group_size": args.group_size,
                        "bits_per_param": res.plan.bits_per_param(),
                        "gamma2_mean": sum(lp.gamma2_mean for lp in res.plan) / len(res.plan),
