@@ -34,7 +34,8 @@ def main():
                               env={**os.environ, "SLQ_CACHE": cache})
         wall = time.perf_counter() - t
     if proc.returncode:
-        sys.exit(f"error: make demo failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        sys.stderr.write(proc.stderr[-2000:])
+        sys.exit(f"error: make demo failed with exit status {proc.returncode} (its output is above)")
     report = json.loads((REPO / "out" / "demo" / "slq_report.json").read_text())
     lines = (REPO / "Makefile").read_text().splitlines()
     i = next(k for k, line in enumerate(lines) if "--target dl" in line)
