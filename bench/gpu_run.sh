@@ -2,7 +2,8 @@
 # What one device-tool call runs on the GPU machine (bare image, no network): install the wheels carried in
 # .whl/, point the tests at the carried copy of ../shared (.shared/), then run the named steps in order.
 #   bash bench/gpu_run.sh env tests tiny probe2      # smoke: versions, GPU tests, search on CUDA
-#   bash bench/gpu_run.sh full                       # bench/search_8b_gpu.py on the Llama-3-8B shape
+#   bash bench/gpu_run.sh gptq                       # GPTQ kernel vs torch loop: GPU tests and bench/gptq_gpu.py
+#   bash bench/gpu_run.sh full                       # bench/search_8b_gpu.py on the Llama-3-8B shape (resumable)
 # Preparing the two carried folders here (both are git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl \
@@ -25,7 +26,14 @@ for step in "$@"; do
     tiny) timeout 120 python3 bench/search_8b_gpu.py --shape tiny --out "$OUT/search_tiny_cuda.json";;
     probe2) timeout 240 python3 bench/search_8b_gpu.py --layers 2 --out "$OUT/search_8b_2layers.json";;
     probe16) timeout 420 python3 bench/search_8b_gpu.py --layers 16 --out "$OUT/search_8b_16layers.json";;
-    full) python3 bench/search_8b_gpu.py --out "$OUT/search_8b.json";;
+    gptq) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k gptq 2>&1 | tail -8
+          timeout 150 python3 bench/gptq_gpu.py --out "$OUT/gptq_gpu.json";;
+    full) # resumable: the model and the bank stay in .work8b/ (git-ignored) while the machine is warm
+          ( while sleep 45; do echo "[watch $(date +%T)] bank files: $(ls .work8b/work/bank 2>/dev/null | wc -l)" \
+              "gpu: $(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader | tr -d ' ')" \
+              "disk: $(df -h --output=used . | tail -1 | tr -d ' ')"; done ) & WATCH=$!
+          timeout "${FULL_TIMEOUT:-560}" python3 bench/search_8b_gpu.py --workdir .work8b --out "$OUT/search_8b.json"
+          echo "full: exit $?"; kill $WATCH;;
     *) echo "unknown step $step"; exit 2;;
   esac
 done

@@ -13,6 +13,7 @@ is reported. Goal (Search issue): under 20 minutes on one H100.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -49,6 +50,9 @@ def main():
                     help="calibration source (default: the C4 text of the shared data, tokenized by the stories260K "
                          "tokenizer, else 'generated')")
     ap.add_argument("--layers", type=int, default=None, help="override the number of decoder layers (a timing probe)")
+    ap.add_argument("--workdir", default=None,
+                    help="keep the model and the search's work directory here (default: a temporary directory); a "
+                         "rerun reuses the model and resumes the bank, e.g. after a device call's time limit")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -61,17 +65,21 @@ def main():
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
         shape = dict(SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {}))
-        cfg = LlamaConfig(**shape, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-        with torch.device(args.device):  # random init on the GPU: minutes faster than on the host for 8B
-            model = LlamaForCausalLM(cfg).to(getattr(torch, args.dtype))
-        model.save_pretrained(f"{tmp}/model")
         shared = Path(os.environ.get("SLQ_SHARED", REPO.parent / "shared"))
-        tok_dir = shared / "models" / "stories260K"  # any tokenizer: ids are drawn by the model
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-        tok.save_pretrained(f"{tmp}/model")
-        del model
+        resumed = (Path(tmp) / "model" / "DONE").exists()
+        if not resumed:
+            cfg = LlamaConfig(**shape, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+            with torch.device(args.device):  # random init on the GPU: minutes faster than on the host for 8B
+                model = LlamaForCausalLM(cfg).to(getattr(torch, args.dtype))
+            model.save_pretrained(f"{tmp}/model")
+            tok_dir = shared / "models" / "stories260K"  # any tokenizer: ids are drawn by the model
+            tok = AutoTokenizer.from_pretrained(tok_dir)
+            tok.save_pretrained(f"{tmp}/model")
+            (Path(tmp) / "model" / "DONE").touch()
+            del model
         make_s = time.perf_counter() - t0
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -91,7 +99,7 @@ def main():
         "shape": args.shape, "config": shape,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu {platform.machine()}",
         "versions": versions(), "git_commit": git_commit(REPO), "settings": vars(args),
-        "model_build_s": make_s, "search_wall_s": wall, "peak_gpu_memory_gib": peak,
+        "model_build_s": make_s, "resumed": resumed, "search_wall_s": wall, "peak_gpu_memory_gib": peak,
         "timings": rep["timings"], "bits_per_param": rep["bits_per_param"], "rounds": len(rep["rounds"]),
         "goal": "DL search under 20 minutes on one H100",
         "goal_met": (wall < 1200) if args.shape == "llama3-8b" and not args.layers else None,

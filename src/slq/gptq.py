@@ -14,6 +14,7 @@ Group parameters are computed from the *updated* weights when a group starts.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,12 @@ class HessianAccumulator:
         self.n += m
         x = x * (2.0 / self.n) ** 0.5
         self.H += x.T @ x
+
+
+def _triton_gptq():
+    from .kernels import triton_gptq
+
+    return triton_gptq
 
 
 @dataclass
@@ -81,7 +88,8 @@ def gptq_quantize(
 
 @torch.no_grad()
 def gptq_quantize_many(
-    W: torch.Tensor, fac: Factor, specs: list[QuantSpec], clip: bool = True, block_size: int = 128
+    W: torch.Tensor, fac: Factor, specs: list[QuantSpec], clip: bool = True, block_size: int = 128,
+    kernel: bool | None = None,
 ) -> list[QuantizedWeight]:
     """GPTQ of one W [N, K] at several bitwidths in one pass over the columns.
 
@@ -89,6 +97,9 @@ def gptq_quantize_many(
     along N, each row carrying its own largest code; the result for each spec is what
     :func:`gptq_quantize` alone gives (it is this function with one spec). The specs must share the
     group size and the symmetry (they differ in bits only).
+
+    ``kernel``: run each sub-block of columns as one Triton launch (:mod:`slq.kernels.triton_gptq`,
+    bit-identical to the torch loop); the default uses it on CUDA tensors when Triton is installed.
     """
     if not specs:
         return []
@@ -104,7 +115,7 @@ def gptq_quantize_many(
     maxq = torch.tensor([s.maxq for s in specs], dtype=torch.float32, device=W.device).repeat_interleave(N)[:, None]
     if R == 1:
         maxq = spec0.maxq  # plain integer path
-    U = fac.U.to(W.device)
+    U = fac.U.to(W.device).contiguous()  # LAPACK hands back column-major factors; the kernel reads rows
     per_channel = G == K
     B = max(block_size, G) if not per_channel else block_size
     NR = N * R
@@ -118,6 +129,13 @@ def gptq_quantize_many(
     # block (the reads per column drop from the block's width to the sub-block's). Group starts are
     # sub-block starts, and every earlier error has been applied to the group's columns by then.
     inner = math.gcd(B, G if not per_channel else B, 16)
+    if kernel is None:  # importing Triton costs a second: only where the kernel could run
+        kernel = (W.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and _triton_gptq().usable(W)
+    use_kernel = kernel
+    if use_kernel:
+        triton_gptq = _triton_gptq()
+        maxq_rows = (maxq[:, 0] if isinstance(maxq, torch.Tensor)
+                     else torch.full((NR,), float(maxq), device=W.device)).contiguous()
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
         W1 = W[:, i1:i2].clone()
@@ -125,7 +143,14 @@ def gptq_quantize_many(
         U1 = U[i1:i2, i1:i2]
         for j1 in range(0, i2 - i1, inner):
             j2 = min(j1 + inner, i2 - i1)
-            for i in range(j1, j2):
+            if use_kernel:  # the same arithmetic as the loop below, one launch per sub-block
+                col, g = i1 + j1, (i1 + j1) // G
+                if not per_channel and col % G == 0:
+                    s, z = qparams(W1[:, j1 : j1 + G], spec0, G, clip=clip, maxq=maxq)
+                    scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+                triton_gptq.subblock(W1[:, j1:j2], U1[j1:j2, j1:j2], scales[:, g], zeros[:, g], maxq_rows,
+                                     codes[:, i1 + j1 : i1 + j2], Err1[:, j1:j2])
+            for i in range(j1, j2) if not use_kernel else ():
                 col = i1 + i
                 g = col // G
                 if not per_channel and col % G == 0:
