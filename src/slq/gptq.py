@@ -134,6 +134,8 @@ def gptq_quantize_many(
     use_kernel = kernel
     if use_kernel:
         triton_gptq = _triton_gptq()
+        if not triton_gptq.usable(W):
+            raise ValueError("gptq_quantize_many(kernel=True) needs Triton and a CUDA tensor (or TRITON_INTERPRET=1)")
         maxq_rows = (maxq[:, 0] if isinstance(maxq, torch.Tensor)
                      else torch.full((NR,), float(maxq), device=W.device)).contiguous()
     for i1 in range(0, K, B):

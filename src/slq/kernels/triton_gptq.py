@@ -12,8 +12,8 @@ It computes exactly what the torch loop computes, operation for operation: the d
 error division are IEEE round-to-nearest (``div_rn``), rounding to an integer is round-half-even
 (``(t + 1.5 * 2^23) - 1.5 * 2^23``, exact for |t| < 2^22; larger |t| only ever meets the clamp), and
 the launch turns off multiply-add contraction, so ``w - err * u`` is rounded twice, as torch's
-rank-1 product followed by a subtraction is. Tests compare codes and errors bit for bit against the
-torch loop (on CPU under ``TRITON_INTERPRET=1``, and on a GPU).
+rank-1 product followed by a subtraction is. Tests compare the codes, scales and zero points bit for bit
+against the torch loop (on CPU under ``TRITON_INTERPRET=1``, and on a GPU).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     tl = None
 
 BLOCK_R = 128
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds an fp32 to the nearest integer, ties even
 
 
 def _interpreting() -> bool:
@@ -67,7 +66,7 @@ if triton is not None:
             sel = cols == c
             x = tl.sum(tl.where(sel[None, :], w, 0.0), axis=1)
             t = tl.math.div_rn(x, s)
-            r = (t + 12582912.0) - 12582912.0
+            r = (t + 12582912.0) - 12582912.0  # 1.5 * 2^23: round to the nearest integer, ties to even
             q = tl.minimum(tl.maximum(r + z, 0.0), mq)
             wq = (q - z) * s
             d = tl.sum(tl.where(sel, diag, 0.0), axis=0)
