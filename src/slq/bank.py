@@ -6,8 +6,9 @@ How it is built (``build_bank``):
 
 - The reference model runs layer by layer on the calibration windows. For each decoder layer the
   inputs of its linears are caught and Hessians ``H = 2/n X^T X`` accumulated (linears sharing an
-  input share one). The inputs come from the *unquantized* layers before it, so every unit's entry
-  is independent of how the other units end up quantized: any allocation can be assembled from
+  input share one; with ``attention`` a value projection gets one attention-weighted Hessian per
+  key/value head instead, see :mod:`slq.calib`). The inputs come from the *unquantized* layers
+  before it, so every unit's entry is independent of how the other units end up quantized: any allocation can be assembled from
   the same bank (unlike sequential GPTQ, whose layer l depends on the bits chosen upstream).
 - GPTQ: one Cholesky factor per Hessian; all linears sharing it and all candidate bitwidths are
   solved in one pass over the columns (:func:`slq.gptq.gptq_quantize_many`), which gives each
@@ -38,15 +39,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .calib import capture_layer0_inputs, collect_hessians, decoder_layers, layer_linears, run_layer
+from .calib import (capture_layer0_inputs, collect_hessians, decoder_layers, eager_attention, layer_linears,
+                    run_layer)
 from .errors import SlqError
-from .gptq import factor, gptq_quantize_many, output_error
+from .gptq import factor, gptq_quantize_many, output_error, row_pieces
 from .grid import QuantizedWeight, quantize_rtn
 from .progress import progress_bar
 from .spec import QuantSpec, resolve_group_size
 from .units import KEEP_BITS, Unit
 
-BANK_VERSION = 2  # 2: two-level GPTQ updates (codes can differ from version 1 at rounding ties)
+BANK_VERSION = 3  # 2: two-level GPTQ updates (codes can differ from version 1 at rounding ties); 3: attention-aware value Hessians
 META = "bank.json"
 
 
@@ -171,10 +173,10 @@ class Bank:
         return out
 
 
-def _settings(units, bitwidths, group_size, symmetric, method, clip, damp) -> dict:
+def _settings(units, bitwidths, group_size, symmetric, method, clip, damp, attention) -> dict:
     return {"version": BANK_VERSION, "units": [[u.name, list(u.members)] for u in units],
             "bitwidths": list(bitwidths), "group_size": group_size, "symmetric": symmetric,
-            "method": method, "clip": clip, "damp": damp}
+            "method": method, "clip": clip, "damp": damp, "attention_hessians": attention}
 
 
 @torch.no_grad()
@@ -190,6 +192,7 @@ def build_bank(
     method: str = "gptq",
     clip: bool = True,
     damp: float = 0.01,
+    attention: bool = True,
     batch_size: int = 8,
     device: str = "cpu",
     progress: bool = True,
@@ -197,7 +200,9 @@ def build_bank(
     """Quantize every unit at every bitwidth (resuming from ``workdir`` when it holds a partial bank).
 
     ``model`` is the reference; its weights are left untouched. ``bitwidths`` are the quantized
-    candidates (2..8); "keep in 16-bit" needs no bank entry.
+    candidates (2..8); "keep in 16-bit" needs no bank entry. ``attention``: value projections get
+    attention-aware Hessians (one per key/value head, :mod:`slq.calib`), for GPTQ and for the error
+    statistics.
     """
     bitwidths = tuple(sorted(set(int(b) for b in bitwidths)))
     for b in bitwidths:
@@ -208,7 +213,7 @@ def build_bank(
         raise SlqError("the bank needs calibration windows (Hessians for GPTQ and the error statistics)")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    settings = _settings(units, bitwidths, group_size, symmetric, method, clip, damp)
+    settings = _settings(units, bitwidths, group_size, symmetric, method, clip, damp, attention)
     fp = fingerprint(model, windows, settings)
     meta_path = workdir / META
     meta = {"fingerprint": fp, "settings": settings, "layers": {}}
@@ -229,9 +234,9 @@ def build_bank(
 
     t0 = time.perf_counter()
     todo = [i for i in sorted(by_layer) if str(i) not in meta["layers"] or not _layer_file(workdir, i).exists()]
-    batches = capture_layer0_inputs(model, windows, batch_size, device) if todo else []
     parts: dict[str, float] = {}
-    with progress_bar(progress) as bar:
+    with eager_attention(model, attention and bool(todo)), progress_bar(progress) as bar:
+        batches = capture_layer0_inputs(model, windows, batch_size, device) if todo else []
         task = bar.add_task(f"bank ({method.upper()}, {len(bitwidths)} bitwidths)", total=len(layers))
         for i, layer in enumerate(layers):
             if not todo or i > max(todo):
@@ -239,7 +244,8 @@ def build_bank(
                 break
             if i in todo and i in by_layer:
                 meta["layers"][str(i)], lt = _bank_layer(layer, i, prefix, by_layer[i], batches, workdir, bitwidths,
-                                                         group_size, symmetric, method, clip, damp, device)
+                                                         group_size, symmetric, method, clip, damp, device,
+                                                         attention)
                 for k, v in lt.items():
                     parts[k] = parts.get(k, 0.0) + v
                 tmp = meta_path.with_suffix(".json.tmp")
@@ -259,51 +265,66 @@ def build_bank(
 
 
 def _bank_layer(layer, i, prefix, units, batches, workdir, bitwidths, group_size, symmetric, method, clip,
-                damp, device) -> dict:
+                damp, device, attention) -> dict:
     from .checkpoint import pack_weight
 
     t_start = time.perf_counter()
     rel = layer_linears(layer)
     members = [m for u in units for m in u.members]
     relname = {m: m[len(f"{prefix}.{i}."):] for m in members}
-    hessians = collect_hessians(layer, batches, [relname[m] for m in members])
+    hessians = collect_hessians(layer, batches, [relname[m] for m in members], attention=attention)
     W = {m: rel[relname[m]].weight.detach().float() for m in members}
     for m, w in W.items():
         if not torch.isfinite(w).all():
             raise SlqError(f"weight {m}.weight contains NaN or Inf values")
     q: dict[tuple[str, int], QuantizedWeight] = {}
     K_of = {m: W[m].shape[1] for m in members}
-    stacks: dict[int, list[str]] = {}
-    for m in members:
-        stacks.setdefault(id(hessians[relname[m]]), []).append(m)
-    H_of = {}
-    for key, ms in stacks.items():
-        acc = hessians[relname[ms[0]]]
-        G = resolve_group_size(K_of[ms[0]], group_size)[0]
+    # Row pieces with their own Hessian (a value projection: one per key/value head when attention-aware);
+    # pieces sharing a Hessian (q/k; gate/up) are stacked and solved in one pass at every bitwidth.
+    pieces = row_pieces({m: hessians[relname[m]] for m in members}, {m: W[m].shape[0] for m in members})
+    stacks: dict[int, list[tuple[str, int, int, object]]] = {}
+    for pc in pieces:
+        stacks.setdefault(id(pc[3]), []).append(pc)
+    parts: dict[tuple[str, int], list[tuple[int, QuantizedWeight]]] = {}
+    H_of: dict[tuple[str, int], torch.Tensor] = {}  # (member, first row) -> Hessian used for its errors
+    for key, ps in stacks.items():
+        acc = ps[0][3]
+        G = resolve_group_size(K_of[ps[0][0]], group_size)[0]
         specs = [QuantSpec(b, G, symmetric) for b in bitwidths]
+        Ws = torch.cat([W[m][r0:r1] for m, r0, r1, _ in ps])
         if method == "gptq":
             fac = factor(acc.H, damp)
-            Ws = torch.cat([W[m] for m in ms]).to(device)
-            res = gptq_quantize_many(Ws, fac, specs, clip=clip)
+            res = gptq_quantize_many(Ws.to(device), fac, specs, clip=clip)
             H = fac.H
         else:
-            res = [quantize_rtn(torch.cat([W[m] for m in ms]), s, clip=clip) for s in specs]
+            res = [quantize_rtn(Ws, s, clip=clip) for s in specs]
             H = acc.H
         for b, r in zip(bitwidths, res):
             row = 0
-            for m in ms:
-                n = W[m].shape[0]
-                q[(m, b)] = QuantizedWeight(r.codes[row:row + n], r.scale[row:row + n], r.zero[row:row + n], r.spec)
+            for m, r0, r1, _ in ps:
+                n = r1 - r0
+                parts.setdefault((m, b), []).append(
+                    (r0, QuantizedWeight(r.codes[row:row + n], r.scale[row:row + n], r.zero[row:row + n], r.spec)))
                 row += n
-        for m in ms:
-            H_of[m] = H
+        for m, r0, _, _ in ps:
+            H_of[(m, r0)] = H
+    for (m, b), lst in parts.items():
+        lst.sort(key=lambda x: x[0])
+        qs = [x[1] for x in lst]
+        q[(m, b)] = QuantizedWeight(torch.cat([x.codes for x in qs]), torch.cat([x.scale for x in qs]),
+                                    torch.cat([x.zero for x in qs]), qs[0].spec)
+    blocks_of = {m: [(r0, r1, H_of[(m, r0)]) for mm, r0, r1, _ in pieces if mm == m] for m in members}
     t_stats = time.perf_counter()
     # Error statistics and packing run where the layer runs (a GPU for large models); only the packed
     # tensors travel to the host for the file.
     tensors = {}
     stats = {}
+    def err_of(m, W_hat):
+        Wm = W[m].to(W_hat.device)
+        return sum(output_error(Wm[r0:r1], W_hat[r0:r1], H) for r0, r1, H in blocks_of[m])
+
     for u in units:
-        base = sum(output_error(W[m], torch.zeros_like(W[m]), H_of[m]) for m in u.members)
+        base = sum(err_of(m, torch.zeros_like(W[m])) for m in u.members)
         wnorm = sum(float(W[m].double().pow(2).sum()) for m in u.members)
         st = {"t": {}, "weight_error": {}}
         for b in bitwidths:
@@ -311,7 +332,7 @@ def _bank_layer(layer, i, prefix, units, batches, workdir, bitwidths, group_size
             for m in u.members:
                 Wm = W[m].to(q[(m, b)].codes.device)
                 W_hat = q[(m, b)].dequantize()
-                err += output_error(Wm, W_hat, H_of[m])
+                err += err_of(m, W_hat)
                 werr += float((Wm.double() - W_hat.double()).pow(2).sum())
                 for k, v in pack_weight(q[(m, b)]).items():
                     tensors[f"{m}.b{b}.{k}"] = v.cpu()

@@ -5,17 +5,77 @@ keyword arguments the model passes each layer: position embeddings, masks) are c
 once; then each layer is run on its own, and Hessians H = 2/n X^T X of its linears'
 inputs are accumulated with forward pre-hooks. Linears that receive the very same input
 tensor (q/k/v; gate/up) share one Hessian.
+
+Attention-aware key/value Hessians (``attention=True``): the error a value projection makes reaches
+the rest of the model only through the attention mixing, o_t = sum_s a_ts v_s. Its relevant error is
+therefore ||A_h X dW_g^T||^2 summed over the query heads h that read key/value head g, whose Hessian
+is H_g = sum_h (A_h X)^T (A_h X), one per key/value head, instead of X^T X. The plain Hessian weighs
+every token alike, while the attention sink (the first position, which most heads attend to heavily)
+broadcasts its value error to every later token; GPTQ with X^T X moves error into exactly such rare
+directions. A key projection's error acts through the logits q_t . k_s: weighting their squared
+error by the attention probabilities, with q_t q_t^T replaced by its isotropic part, gives
+H_g = sum_s c_s x_s x_s^T with c_s = sum_h sum_t a_ts |q_t|^2, again one per key/value head.
+The attention probabilities come from the eager attention path, so the calibration passes run
+under :func:`eager_attention` (its masks are explicit and causal).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import SlqError
-from .gptq import HessianAccumulator
+from .gptq import HessianAccumulator, RowBlockHessians
+
+
+def _configs(model: nn.Module) -> list:
+    seen, out = set(), []
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if c is not None and id(c) not in seen and hasattr(c, "_attn_implementation"):
+            seen.add(id(c))
+            out.append(c)
+    return out
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module, enabled: bool = True):
+    """Run ``model``'s attention through the eager path inside the block (it returns the attention
+    probabilities, and the masks the model builds are explicit), restoring the previous choice after."""
+    if not enabled:
+        yield
+        return
+    configs = _configs(model)
+    old = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = "eager"
+        yield
+    finally:
+        for c, o in zip(configs, old):
+            c._attn_implementation = o
+
+
+def attention_heads(layer: nn.Module, name: str) -> tuple[nn.Module, int, int, int] | None:
+    """(attention module, query heads, key/value heads, head dim) when ``name`` is the key or value
+    projection of a standard multi-/grouped-query attention block (with a ``q_proj``), else None."""
+    if not name.endswith(("k_proj", "v_proj")) or "." not in name:
+        return None
+    attn = layer.get_submodule(name.rsplit(".", 1)[0])
+    if not isinstance(getattr(attn, "q_proj", None), nn.Linear):
+        return None
+    cfg = getattr(attn, "config", None)
+    nh = getattr(cfg, "num_attention_heads", None)
+    if not nh:
+        return None
+    nkv = getattr(cfg, "num_key_value_heads", None) or nh
+    hd = getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
+    if nh % nkv or layer.get_submodule(name).out_features != nkv * hd:
+        return None
+    return attn, nh, nkv, hd
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -80,8 +140,14 @@ def run_layer(layer: nn.Module, batches: list[Batch]) -> list[Batch]:
 
 
 @torch.no_grad()
-def collect_hessians(layer: nn.Module, batches: list[Batch], names: list[str]) -> dict[str, HessianAccumulator]:
-    """One Hessian per distinct input among the named linears (shared objects for fused ones)."""
+def collect_hessians(layer: nn.Module, batches: list[Batch], names: list[str], attention: bool = False
+                     ) -> dict[str, HessianAccumulator | RowBlockHessians]:
+    """One Hessian per distinct input among the named linears (shared objects for fused ones).
+
+    With ``attention`` a key or value projection gets a :class:`RowBlockHessians` (one attention-weighted
+    Hessian per key/value head, see the module docstring) instead; the layer must run under
+    :func:`eager_attention` then.
+    """
     linears = layer_linears(layer)
     seen: dict[int, str] = {}
     owner: dict[str, str] = {}
@@ -117,13 +183,70 @@ def collect_hessians(layer: nn.Module, batches: list[Batch], names: list[str]) -
         return f
 
     hs = [linears[n].register_forward_pre_hook(add(n)) for n in accs]
+    blocks: dict[str, RowBlockHessians] = {}
+    for n in names if attention else ():
+        ah = attention_heads(layer, n)
+        if ah is None:
+            continue
+        attn, nh, nkv, hd = ah
+        blocks[n] = RowBlockHessians([HessianAccumulator(linears[n].in_features, device=dev) for _ in range(nkv)], hd)
+        hs += _attention_hooks(attn, linears[n], blocks[n], nh, nkv, hd, n, key=n.endswith("k_proj"))
     try:
         for b in batches:
             layer(b.hidden, **b.kwargs)
     finally:
         for h in hs:
             h.remove()
-    return {n: accs[owner[n]] for n in names}
+    return {n: blocks[n] if n in blocks else accs[owner[n]] for n in names}
+
+
+def _attention_hooks(attn: nn.Module, lin: nn.Linear, rb: RowBlockHessians, nh: int, nkv: int, hd: int, name: str,
+                     key: bool) -> list:
+    """Hooks that add one attention block's contribution to the per key/value head Hessians of ``lin``.
+
+    Value projection: (A_h X)^T (A_h X) of every query head h that reads head g. Key projection: the
+    logit error q_t . dk_s weighted by the attention probability a_ts, with q_t q_t^T replaced by its
+    isotropic part, which gives sum_s c_s x_s x_s^T with c_s = sum_h sum_t a_ts |q_t|^2 (RoPE rotates
+    q and k but keeps |q_t|).
+    """
+    held = {}
+    rep = nh // nkv
+
+    def grab(_m, args):
+        held["x"] = args[0].detach()
+
+    def grab_q(_m, _args, out):
+        held["q"] = out.detach()
+
+    def add(acc, x):
+        m = x.shape[0]
+        acc.H *= acc.n / (acc.n + m)
+        acc.n += m
+        acc.H += ((x.T @ x) * (2.0 / acc.n)).to(acc.H)
+
+    def mix(_m, _args, out):
+        A = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
+        if A is None:
+            raise SlqError(f"attention-aware Hessians for {name}: the attention block returned no probabilities "
+                           "(run it under eager_attention)")
+        X = held.pop("x").float()  # [b, T, K]
+        A = A.detach().float()  # [b, nh, T, S]
+        if key:
+            q = held.pop("q").float()
+            q2 = q.reshape(*q.shape[:2], nh, -1).pow(2).sum(-1)  # [b, T, nh]
+            c = torch.einsum("bhts,bth->bhs", A, q2)  # [b, nh, S]
+            for g in range(nkv):
+                w = c[:, g * rep:(g + 1) * rep].sum(1).clamp_min(0).sqrt()  # [b, S]
+                add(rb.blocks[g], (X * w.unsqueeze(-1)).reshape(-1, X.shape[-1]))
+        else:
+            for g in range(nkv):
+                AX = torch.matmul(A[:, g * rep:(g + 1) * rep], X.unsqueeze(1))  # [b, rep, T, K]
+                add(rb.blocks[g], AX.reshape(-1, X.shape[-1]))
+
+    hooks = [lin.register_forward_pre_hook(grab), attn.register_forward_hook(mix)]
+    if key:
+        hooks.append(attn.q_proj.register_forward_hook(grab_q))
+    return hooks
 
 
 def _slice_kwargs(kwargs: dict, b: int) -> dict:

@@ -40,6 +40,32 @@ class HessianAccumulator:
         self.H += x.T @ x
 
 
+@dataclass
+class RowBlockHessians:
+    """One Hessian per consecutive block of ``rows`` output rows of a linear (a value projection:
+    one block per key/value head, see :mod:`slq.calib`)."""
+
+    blocks: list[HessianAccumulator]
+    rows: int
+
+
+def row_pieces(hessians: dict, n_rows: dict[str, int]) -> list[tuple[str, int, int, HessianAccumulator]]:
+    """(name, first row, end row, Hessian) for every block of rows that has its own Hessian, in row order.
+
+    GPTQ is row-independent given the Hessian, so pieces that share one Hessian object (the linears of
+    a fused input, every bitwidth) can be stacked and solved in one pass.
+    """
+    out = []
+    for name, h in hessians.items():
+        if isinstance(h, RowBlockHessians):
+            if len(h.blocks) * h.rows != n_rows[name]:
+                raise ValueError(f"{name}: {len(h.blocks)} x {h.rows} row blocks for {n_rows[name]} rows")
+            out += [(name, g * h.rows, (g + 1) * h.rows, acc) for g, acc in enumerate(h.blocks)]
+        else:
+            out.append((name, 0, n_rows[name], h))
+    return out
+
+
 def _triton_gptq():
     from .kernels import triton_gptq
 

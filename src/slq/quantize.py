@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .calib import capture_layer0_inputs, collect_hessians, decoder_layers, layer_linears, run_layer
+from .calib import (capture_layer0_inputs, collect_hessians, decoder_layers, eager_attention, layer_linears,
+                    run_layer)
 from .errors import SlqError
-from .gptq import factor, gptq_quantize, output_error
+from .gptq import factor, gptq_quantize, output_error, row_pieces
 from .grid import QuantizedWeight, gamma_stats, quantize_rtn
 from .progress import progress_bar
 from .spec import LayerPlan, Plan, QuantSpec, resolve_group_size
@@ -60,6 +61,7 @@ def quantize_model(
     windows: torch.Tensor | None = None,
     clip: bool = True,
     damp: float = 0.01,
+    attention: bool = True,
     sequential: bool = True,
     batch_size: int = 8,
     device: str = "cpu",
@@ -70,7 +72,8 @@ def quantize_model(
     ``spec`` applies to every layer; ``specs`` (full module name -> spec) overrides it per
     layer, which is how mixed-bitwidth plans are built; a ``None`` value keeps that layer
     unquantized (the "16-bit" choice of the bit search). GPTQ needs ``windows``
-    (LongTensor [n, seq_len] of calibration tokens).
+    (LongTensor [n, seq_len] of calibration tokens). ``attention``: GPTQ of value projections uses
+    attention-aware Hessians, one per key/value head (:mod:`slq.calib`).
     """
     if method not in METHODS:
         raise SlqError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -98,12 +101,11 @@ def quantize_model(
     prefix = next(n for n, m in model.named_modules() if m is layers)
 
     batches = None
-    if method == "gptq":
-        t = time.perf_counter()
-        batches = capture_layer0_inputs(model, windows, batch_size, device)
-        timings["capture_s"] = time.perf_counter() - t
-
-    with progress_bar(progress) as bar:
+    with eager_attention(model, method == "gptq" and attention), progress_bar(progress) as bar:
+        if method == "gptq":
+            t = time.perf_counter()
+            batches = capture_layer0_inputs(model, windows, batch_size, device)
+            timings["capture_s"] = time.perf_counter() - t
         task = bar.add_task(f"{method.upper()} layers", total=len(layers))
         for i, layer in enumerate(layers):
             rel = layer_linears(layer)
@@ -111,7 +113,7 @@ def quantize_model(
             hessians = {}
             if method == "gptq" and names:
                 t = time.perf_counter()
-                hessians = collect_hessians(layer, batches, list(names.values()))
+                hessians = collect_hessians(layer, batches, list(names.values()), attention=attention)
                 timings["hessian_s"] += time.perf_counter() - t
             if method == "gptq" and not sequential and i + 1 < len(layers):
                 # non-sequential: the next layer sees the outputs of this layer *unquantized*
@@ -128,27 +130,35 @@ def quantize_model(
                 lp.gamma_mean, lp.gamma2_mean = gamma_stats(W, lp.spec.effective_group(lp.K))
                 weights[full] = W
             results: dict[str, QuantizedWeight] = {}
-            facs = {}
+            blocks: dict[str, list[tuple[int, int, torch.Tensor]]] = {}  # rows -> Hessian, for the error metric
             if method == "gptq":
-                # GPTQ is row-independent given H: linears that share an input (and so a Hessian) and a
-                # spec are stacked along N and solved in one pass (same codes, fewer Python steps).
-                stacks: dict[tuple, list[str]] = {}
-                for full, r in names.items():
-                    stacks.setdefault((id(hessians[r]), plan[full].spec), []).append(full)
+                # GPTQ is row-independent given H: row pieces that share a Hessian (linears of one input;
+                # a value projection has one per key/value head) and a spec are stacked along N and
+                # solved in one pass (same codes, fewer Python steps).
+                pieces = row_pieces({f: hessians[r] for f, r in names.items()},
+                                    {f: weights[f].shape[0] for f in names})
+                stacks: dict[tuple, list[tuple]] = {}
+                for pc in pieces:
+                    stacks.setdefault((id(pc[3]), plan[pc[0]].spec), []).append(pc)
                 factors = {}
-                for (key, spec_), members in stacks.items():
+                got: dict[str, list[tuple[int, QuantizedWeight]]] = {}
+                for (key, spec_), ps in stacks.items():
                     if key not in factors:
-                        factors[key] = factor(hessians[names[members[0]]].H, damp)
+                        factors[key] = factor(ps[0][3].H, damp)
                     fac = factors[key]
-                    W = torch.cat([weights[m] for m in members]).to(device)
+                    W = torch.cat([weights[m][r0:r1] for m, r0, r1, _ in ps]).to(device)
                     q = gptq_quantize(W, fac, spec_, clip=clip)
                     row = 0
-                    for m in members:
-                        n = weights[m].shape[0]
-                        results[m] = QuantizedWeight(q.codes[row:row + n], q.scale[row:row + n],
-                                                     q.zero[row:row + n], spec_)
-                        facs[m] = fac
+                    for m, r0, r1, _ in ps:
+                        n = r1 - r0
+                        got.setdefault(m, []).append((r0, QuantizedWeight(q.codes[row:row + n], q.scale[row:row + n],
+                                                                          q.zero[row:row + n], spec_)))
+                        blocks.setdefault(m, []).append((r0, r1, fac.H))
                         row += n
+                for m, lst in got.items():
+                    lst.sort(key=lambda x: x[0])
+                    results[m] = QuantizedWeight(torch.cat([x[1].codes for x in lst]), torch.cat([x[1].scale for x in lst]),
+                                                 torch.cat([x[1].zero for x in lst]), lst[0][1].spec)
             else:
                 for full in names:
                     results[full] = quantize_rtn(weights[full], plan[full].spec, clip=clip)
@@ -158,9 +168,9 @@ def quantize_model(
                 q = QuantizedWeight(q.codes.cpu(), q.scale.cpu(), q.zero.cpu(), q.spec)
                 W_hat = q.dequantize().to(W.device)
                 if method == "gptq":
-                    H = facs[full].H
-                    base = output_error(W, torch.zeros_like(W), H)
-                    lp.metrics["rel_output_error"] = output_error(W, W_hat, H) / max(base, 1e-30)
+                    base = sum(output_error(W[r0:r1], torch.zeros_like(W[r0:r1]), H) for r0, r1, H in blocks[full])
+                    err = sum(output_error(W[r0:r1], W_hat[r0:r1], H) for r0, r1, H in blocks[full])
+                    lp.metrics["rel_output_error"] = err / max(base, 1e-30)
                 lp.metrics["rel_weight_error"] = float((W - W_hat).pow(2).sum() / W.pow(2).sum().clamp_min(1e-30))
                 lin.weight.data.copy_(W_hat.to(lin.weight.dtype))
                 qweights[full] = q
