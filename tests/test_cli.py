@@ -43,6 +43,26 @@ def test_quantize_info_generate(stories_dir, tmp_path):
     assert r.exit_code == 0 and r.output.startswith("Once upon a time")
 
 
+def test_plain_hessians_flag_changes_only_keys_and_values(stories_dir, tmp_path):
+    """--plain-hessians is recorded, and against the default it changes the k/v codes and nothing else in
+    layer 0 (later layers see different inputs through sequential GPTQ)."""
+    from safetensors import safe_open
+
+    codes = {}
+    for flag in ([], ["--plain-hessians"]):
+        out = tmp_path / ("plain" if flag else "aware")
+        r = _slq("quantize", stories_dir, "--bits", "3", "--calib", need(TINY_TEXT), "--calib-samples", "4",
+                 "--seq-len", "64", "--out", out, *flag)
+        assert r.exit_code == 0, r.output
+        assert json.loads((out / "slq_report.json").read_text())["settings"]["attention_hessians"] is (not flag)
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            codes[bool(flag)] = {k: f.get_tensor(k) for k in f.keys() if ".layers.0." in k and k.endswith("weight_packed")}
+    assert codes[True]
+    for k in codes[True]:
+        same = bool((codes[True][k] == codes[False][k]).all())
+        assert same != k.endswith(("k_proj.weight_packed", "v_proj.weight_packed")), k
+
+
 def test_rtn_needs_no_calibration(stories_dir, tmp_path):
     r = _slq("quantize", stories_dir, "--bits", "8", "--method", "rtn", "--sym", "--group-size", "channel",
              "--out", tmp_path / "r")

@@ -79,6 +79,7 @@ def quantize(
     calib_samples: int = 128,
     seq_len: int = 512,
     clip: bool = True,
+    attention: bool = True,
     device: str = "cpu",
     seed: int = 0,
     out: str | Path | None = None,
@@ -94,7 +95,8 @@ def quantize(
     With ``eval`` the quantized model is measured against the reference on ``eval_tokens``
     tokens of ``eval_data`` (held out: generated data uses another seed than calibration;
     for a text file, the windows after the calibration windows are used) and the numbers
-    go into the report under ``fidelity``. Returns the report (also slq_report.json).
+    go into the report under ``fidelity``. ``attention=False`` gives keys and values plain ``X^T X``
+    Hessians (see :mod:`slq.calib`). Returns the report (also slq_report.json).
     """
     spec = QuantSpec(bits, group_size, symmetric)  # validates bits and group size
     if out is not None and Path(out).exists() and not force:
@@ -114,9 +116,11 @@ def quantize(
         windows = windows_from_source(calib, m, tok, n=calib_samples, seq_len=seq_len, seed=seed, device=device,
                                       progress=progress)
     t_calib = time.perf_counter() - t
-    res = quantize_model(m, spec, method=method, windows=windows, clip=clip, device=device, progress=progress)
+    res = quantize_model(m, spec, method=method, windows=windows, clip=clip, attention=attention, device=device,
+                         progress=progress)
     report = build_report(m, path, res.plan, spec, method=method, calib=calib, calib_samples=calib_samples,
                           seq_len=seq_len, clip=clip, seed=seed, device=device)
+    report["settings"]["attention_hessians"] = attention and method == "gptq"
     report["timings"] = {"load_s": t_load, "calibration_data_s": t_calib, **res.timings}
     if eval:
         from .evaluate import evaluate

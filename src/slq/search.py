@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .allocate import allocate
-from .bank import Bank, build_bank
+from .bank import BANK_VERSION, Bank, build_bank
 from .data import GENERATED, generated_windows, windows_from_source
 from .errors import SlqError
 from .fidelity import CachedLogits, compare_windows
@@ -108,8 +108,8 @@ class SearchSession:
     def __init__(self, model=None, *, bitwidths=DEFAULT_BITWIDTHS, units="fused", estimator="linear",
                  group_size=128, symmetric=False, method="gptq", calib=None, calib_samples=32, seq_len=512,
                  sens_windows=8, sens_seq_len=None, verify_windows=16, verify_data=None, probe_bits=None,
-                 orderings=2, fisher_draws=1, map_bits=(4, 5, 6, 7, 8), clip=True, device="cpu", seed=0,
-                 workdir=None, progress=True, trust_remote_code=False, target_check=None):
+                 orderings=2, fisher_draws=1, map_bits=(4, 5, 6, 7, 8), clip=True, attention=True, device="cpu",
+                 seed=0, workdir=None, progress=True, trust_remote_code=False, target_check=None):
         from .api import open_model
         from .models import check_finite, is_slq_checkpoint
 
@@ -135,6 +135,7 @@ class SearchSession:
         self.method, self.calib, self.calib_samples, self.seq_len = method, calib, calib_samples, seq_len
         self.verify_windows_n, self.verify_data, self.probe_bits = verify_windows, verify_data, tuple(probe_bits)
         self.orderings, self.fisher_draws, self.clip, self.device, self.seed = orderings, fisher_draws, clip, device, seed
+        self.attention = attention
         self.progress = progress
         torch.manual_seed(seed)
 
@@ -173,11 +174,12 @@ class SearchSession:
             from .models import cache_dir
 
             workdir = cache_dir() / "work" / _cache_key(str(self.path), method, group_size, symmetric, self.quant_bits,
-                                                        units, calib, calib_samples, seq_len, seed, clip)
+                                                        units, calib, calib_samples, seq_len, seed, clip,
+                                                        attention, BANK_VERSION)
         self.workdir = Path(workdir)
         self.bank = build_bank(m, self.units, self.calib_w, self.workdir / "bank", bitwidths=self.quant_bits,
-                               group_size=group_size, symmetric=symmetric, method=method, clip=clip, device=device,
-                               progress=progress)
+                               group_size=group_size, symmetric=symmetric, method=method, clip=clip, attention=attention,
+                               device=device, progress=progress)
         self.timings["bank_s"] = self.bank.timings["bank_s"]
         for k in ("hessian_gptq_s", "stats_pack_s", "save_s"):  # where the bank's time went (layers built now)
             if k in self.bank.timings:
@@ -407,7 +409,7 @@ class SearchSession:
             "sens_seq_len": int(self.sens_w.shape[1]), "verify_windows": self.verify_windows_n,
             "verify_data": self.verify_data or "calibration source, windows after the calibration ones",
             "probe_bits": list(self.probe_bits), "orderings": self.orderings, "fisher_draws": self.fisher_draws,
-            "workdir": str(self.workdir)})
+            "attention_hessians": self.attention, "workdir": str(self.workdir)})
         total, _ = allocation_bits(self.bank, alloc)
         other = _other_params(self.model, {m for u in self.units for m in u.members})
         n_other = sum(n for n, _ in other.values())
@@ -484,7 +486,7 @@ def search(
 
     ``session`` holds the :class:`SearchSession` settings (bitwidths, units, estimator, group_size,
     symmetric, method, calib, calib_samples, seq_len, sens_windows, sens_seq_len, verify_windows,
-    verify_data, probe_bits, orderings, fisher_draws, clip, device, seed, workdir, progress,
+    verify_data, probe_bits, orderings, fisher_draws, clip, attention, device, seed, workdir, progress,
     trust_remote_code). Returns the report (also ``slq_report.json`` in ``out``).
     """
     if target not in TARGETS:
