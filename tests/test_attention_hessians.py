@@ -133,3 +133,16 @@ def test_other_linears_keep_the_plain_hessian(stories, tiny_windows, name):
     model, _ = stories
     h = _ours(model, tiny_windows[:2], [name])[name]
     assert not isinstance(h, RowBlockHessians)
+
+
+def test_without_attention_probabilities_it_warns_and_keeps_the_plain_hessian(stories, tiny_windows):
+    """Outside eager_attention the sdpa path returns no probabilities: one warning per projection, and the
+    projection gets the same X^T X Hessian as its sibling query projection."""
+    model, _ = stories
+    layers = decoder_layers(model)
+    batches = capture_layer0_inputs(model, tiny_windows[:2], 2, "cpu")
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    with pytest.warns(UserWarning, match="no attention probabilities"):
+        hs = collect_hessians(layers[0], batches, names, attention=True)
+    assert not any(isinstance(h, RowBlockHessians) for h in hs.values())
+    assert hs["self_attn.k_proj"] is hs["self_attn.q_proj"] and hs["self_attn.v_proj"] is hs["self_attn.q_proj"]

@@ -22,6 +22,7 @@ under :func:`eager_attention` (its masks are explicit and causal).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -197,6 +198,10 @@ def collect_hessians(layer: nn.Module, batches: list[Batch], names: list[str], a
     finally:
         for h in hs:
             h.remove()
+    for n in [n for n, rb in blocks.items() if getattr(rb, "failed", False)]:
+        warnings.warn(f"{n}: the attention block returned no attention probabilities; using the plain X^T X "
+                      "Hessian for it", stacklevel=2)
+        del blocks[n]
     return {n: blocks[n] if n in blocks else accs[owner[n]] for n in names}
 
 
@@ -226,9 +231,10 @@ def _attention_hooks(attn: nn.Module, lin: nn.Linear, rb: RowBlockHessians, nh: 
 
     def mix(_m, _args, out):
         A = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
-        if A is None:
-            raise SlqError(f"attention-aware Hessians for {name}: the attention block returned no probabilities "
-                           "(run it under eager_attention)")
+        if not isinstance(A, torch.Tensor) or A.dim() != 4 or A.shape[1] != nh:
+            held.clear()
+            rb.failed = True  # no probabilities from this attention block: collect_hessians falls back
+            return
         X = held.pop("x").float()  # [b, T, K]
         A = A.detach().float()  # [b, nh, T, S]
         if key:
