@@ -6,10 +6,10 @@ How it is built (``build_bank``):
 
 - The reference model runs layer by layer on the calibration windows. For each decoder layer the
   inputs of its linears are caught and Hessians ``H = 2/n X^T X`` accumulated (linears sharing an
-  input share one; with ``attention`` a value projection gets one attention-weighted Hessian per
-  key/value head instead, see :mod:`slq.calib`). The inputs come from the *unquantized* layers
-  before it, so every unit's entry is independent of how the other units end up quantized: any allocation can be assembled from
-  the same bank (unlike sequential GPTQ, whose layer l depends on the bits chosen upstream).
+  input share one; with ``attention`` a key or value projection gets one attention-weighted Hessian
+  per key/value head instead, see :mod:`slq.calib`). The inputs come from the *unquantized* layers
+  before it, so every unit's entry is independent of how the other units end up quantized: any
+  allocation can be assembled from the same bank (unlike sequential GPTQ, whose layer l depends on the bits chosen upstream).
 - GPTQ: one Cholesky factor per Hessian; all linears sharing it and all candidate bitwidths are
   solved in one pass over the columns (:func:`slq.gptq.gptq_quantize_many`), which gives each
   bitwidth exactly the codes of a separate run. RTN on request (Hessians are still taken, for the
@@ -42,13 +42,13 @@ from torch import nn
 from .calib import (capture_layer0_inputs, collect_hessians, decoder_layers, eager_attention, layer_linears,
                     run_layer)
 from .errors import SlqError
-from .gptq import factor, gptq_quantize_many, output_error, row_pieces
+from .gptq import factor, gptq_quantize_many, join_rows, output_error, row_pieces
 from .grid import QuantizedWeight, quantize_rtn
 from .progress import progress_bar
 from .spec import QuantSpec, resolve_group_size
 from .units import KEEP_BITS, Unit
 
-BANK_VERSION = 3  # 2: two-level GPTQ updates (codes can differ from version 1 at rounding ties); 3: attention-aware value Hessians
+BANK_VERSION = 3  # 2: two-level GPTQ updates (codes can differ from version 1 at rounding ties); 3: attention-aware key/value Hessians
 META = "bank.json"
 
 
@@ -200,7 +200,7 @@ def build_bank(
     """Quantize every unit at every bitwidth (resuming from ``workdir`` when it holds a partial bank).
 
     ``model`` is the reference; its weights are left untouched. ``bitwidths`` are the quantized
-    candidates (2..8); "keep in 16-bit" needs no bank entry. ``attention``: value projections get
+    candidates (2..8); "keep in 16-bit" needs no bank entry. ``attention``: key and value projections get
     attention-aware Hessians (one per key/value head, :mod:`slq.calib`), for GPTQ and for the error
     statistics.
     """
@@ -279,7 +279,7 @@ def _bank_layer(layer, i, prefix, units, batches, workdir, bitwidths, group_size
             raise SlqError(f"weight {m}.weight contains NaN or Inf values")
     q: dict[tuple[str, int], QuantizedWeight] = {}
     K_of = {m: W[m].shape[1] for m in members}
-    # Row pieces with their own Hessian (a value projection: one per key/value head when attention-aware);
+    # Row pieces with their own Hessian (a key/value projection: one per key/value head when attention-aware);
     # pieces sharing a Hessian (q/k; gate/up) are stacked and solved in one pass at every bitwidth.
     pieces = row_pieces({m: hessians[relname[m]] for m in members}, {m: W[m].shape[0] for m in members})
     stacks: dict[int, list[tuple[str, int, int, object]]] = {}
@@ -309,10 +309,7 @@ def _bank_layer(layer, i, prefix, units, batches, workdir, bitwidths, group_size
         for m, r0, _, _ in ps:
             H_of[(m, r0)] = H
     for (m, b), lst in parts.items():
-        lst.sort(key=lambda x: x[0])
-        qs = [x[1] for x in lst]
-        q[(m, b)] = QuantizedWeight(torch.cat([x.codes for x in qs]), torch.cat([x.scale for x in qs]),
-                                    torch.cat([x.zero for x in qs]), qs[0].spec)
+        q[(m, b)] = join_rows(lst)
     blocks_of = {m: [(r0, r1, H_of[(m, r0)]) for mm, r0, r1, _ in pieces if mm == m] for m in members}
     t_stats = time.perf_counter()
     # Error statistics and packing run where the layer runs (a GPU for large models); only the packed

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import SlqError
-from .gptq import HessianAccumulator, RowBlockHessians
+from .gptq import HessianAccumulator, RowBlockHessians, accumulate
 
 
 def _configs(model: nn.Module) -> list:
@@ -174,12 +174,7 @@ def collect_hessians(layer: nn.Module, batches: list[Batch], names: list[str], a
 
     def add(name):
         def f(_m, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            acc = accs[name]
-            m = x.shape[0]
-            acc.H *= acc.n / (acc.n + m)
-            acc.n += m
-            acc.H += ((x.T @ x) * (2.0 / acc.n)).to(acc.H)
+            accumulate(accs[name], args[0].detach().reshape(-1, args[0].shape[-1]).float())
 
         return f
 
@@ -198,7 +193,7 @@ def collect_hessians(layer: nn.Module, batches: list[Batch], names: list[str], a
     finally:
         for h in hs:
             h.remove()
-    for n in [n for n, rb in blocks.items() if getattr(rb, "failed", False)]:
+    for n in [n for n, rb in blocks.items() if rb.failed]:
         warnings.warn(f"{n}: the attention block returned no attention probabilities; using the plain X^T X "
                       "Hessian for it", stacklevel=2)
         del blocks[n]
@@ -223,12 +218,6 @@ def _attention_hooks(attn: nn.Module, lin: nn.Linear, rb: RowBlockHessians, nh: 
     def grab_q(_m, _args, out):
         held["q"] = out.detach()
 
-    def add(acc, x):
-        m = x.shape[0]
-        acc.H *= acc.n / (acc.n + m)
-        acc.n += m
-        acc.H += ((x.T @ x) * (2.0 / acc.n)).to(acc.H)
-
     def mix(_m, _args, out):
         A = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
         if not isinstance(A, torch.Tensor) or A.dim() != 4 or A.shape[1] != nh:
@@ -243,11 +232,11 @@ def _attention_hooks(attn: nn.Module, lin: nn.Linear, rb: RowBlockHessians, nh: 
             c = torch.einsum("bhts,bth->bhs", A, q2)  # [b, nh, S]
             for g in range(nkv):
                 w = c[:, g * rep:(g + 1) * rep].sum(1).clamp_min(0).sqrt()  # [b, S]
-                add(rb.blocks[g], (X * w.unsqueeze(-1)).reshape(-1, X.shape[-1]))
+                accumulate(rb.blocks[g], (X * w.unsqueeze(-1)).reshape(-1, X.shape[-1]))
         else:
             for g in range(nkv):
                 AX = torch.matmul(A[:, g * rep:(g + 1) * rep], X.unsqueeze(1))  # [b, rep, T, K]
-                add(rb.blocks[g], AX.reshape(-1, X.shape[-1]))
+                accumulate(rb.blocks[g], AX.reshape(-1, X.shape[-1]))
 
     hooks = [lin.register_forward_pre_hook(grab), attn.register_forward_hook(mix)]
     if key:

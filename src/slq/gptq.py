@@ -42,11 +42,27 @@ class HessianAccumulator:
 
 @dataclass
 class RowBlockHessians:
-    """One Hessian per consecutive block of ``rows`` output rows of a linear (a value projection:
+    """One Hessian per consecutive block of ``rows`` output rows of a linear (a key or value projection:
     one block per key/value head, see :mod:`slq.calib`)."""
 
     blocks: list[HessianAccumulator]
     rows: int
+    failed: bool = False  # set when the attention block gave no probabilities (the caller falls back)
+
+
+def accumulate(acc: HessianAccumulator, x: torch.Tensor) -> None:
+    """acc.add for fp32 rows x [m, K]: the product in fp32, the running mean in acc's dtype."""
+    m = x.shape[0]
+    acc.H *= acc.n / (acc.n + m)
+    acc.n += m
+    acc.H += ((x.T @ x) * (2.0 / acc.n)).to(acc.H)
+
+
+def join_rows(pieces: list[tuple[int, QuantizedWeight]]) -> QuantizedWeight:
+    """One QuantizedWeight from row pieces given as (first row, piece), in any order."""
+    qs = [q for _, q in sorted(pieces, key=lambda x: x[0])]
+    return QuantizedWeight(torch.cat([q.codes for q in qs]), torch.cat([q.scale for q in qs]),
+                           torch.cat([q.zero for q in qs]), qs[0].spec)
 
 
 def row_pieces(hessians: dict, n_rows: dict[str, int]) -> list[tuple[str, int, int, HessianAccumulator]]:

@@ -17,7 +17,7 @@ from torch import nn
 from .calib import (capture_layer0_inputs, collect_hessians, decoder_layers, eager_attention, layer_linears,
                     run_layer)
 from .errors import SlqError
-from .gptq import factor, gptq_quantize, output_error, row_pieces
+from .gptq import factor, gptq_quantize, join_rows, output_error, row_pieces
 from .grid import QuantizedWeight, gamma_stats, quantize_rtn
 from .progress import progress_bar
 from .spec import LayerPlan, Plan, QuantSpec, resolve_group_size
@@ -72,7 +72,7 @@ def quantize_model(
     ``spec`` applies to every layer; ``specs`` (full module name -> spec) overrides it per
     layer, which is how mixed-bitwidth plans are built; a ``None`` value keeps that layer
     unquantized (the "16-bit" choice of the bit search). GPTQ needs ``windows``
-    (LongTensor [n, seq_len] of calibration tokens). ``attention``: GPTQ of value projections uses
+    (LongTensor [n, seq_len] of calibration tokens). ``attention``: GPTQ of key and value projections uses
     attention-aware Hessians, one per key/value head (:mod:`slq.calib`).
     """
     if method not in METHODS:
@@ -133,7 +133,7 @@ def quantize_model(
             blocks: dict[str, list[tuple[int, int, torch.Tensor]]] = {}  # rows -> Hessian, for the error metric
             if method == "gptq":
                 # GPTQ is row-independent given H: row pieces that share a Hessian (linears of one input;
-                # a value projection has one per key/value head) and a spec are stacked along N and
+                # a key/value projection has one per key/value head) and a spec are stacked along N and
                 # solved in one pass (same codes, fewer Python steps).
                 pieces = row_pieces({f: hessians[r] for f, r in names.items()},
                                     {f: weights[f].shape[0] for f in names})
@@ -156,9 +156,7 @@ def quantize_model(
                         blocks.setdefault(m, []).append((r0, r1, fac.H))
                         row += n
                 for m, lst in got.items():
-                    lst.sort(key=lambda x: x[0])
-                    results[m] = QuantizedWeight(torch.cat([x[1].codes for x in lst]), torch.cat([x[1].scale for x in lst]),
-                                                 torch.cat([x[1].zero for x in lst]), lst[0][1].spec)
+                    results[m] = join_rows(lst)
             else:
                 for full in names:
                     results[full] = quantize_rtn(weights[full], plan[full].spec, clip=clip)
