@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import time
@@ -28,10 +29,15 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("SLQ_SHARED", REPO.parent / "shared"))
 sys.path.insert(0, str(REPO / "src"))
 
 TASKS = ("piqa", "arc_easy", "hellaswag", "winogrande")
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main():
@@ -50,6 +56,7 @@ def main():
     ap.add_argument("--task-bits", default="", help="only these bitwidths get the tasks (default: all)")
     ap.add_argument("--merge", default="", help="comma list of other runs' .partial.jsonl files whose rows join this "
                                                 "result (a grid split over processes; same settings)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 everywhere; TF32 off)")
     ap.add_argument("--report-only", action="store_true", help="write the JSON/table/plot from the partial files")
     args = ap.parse_args()
     run_args = dict(vars(args))
@@ -64,7 +71,12 @@ def main():
     from slq.tasks import compare_tasks, load_task, score_task
 
     torch.manual_seed(0)
+    dev = args.device
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     ref, tok = load_model(embedded_default_dir())
+    ref.to(dev)
+    tbs = 64 if dev.startswith("cuda") else 16  # zero-shot batch (scores do not depend on it)
     wiki = token_windows(tok, load_text(str(SHARED / "data/wikitext2/wiki.test.raw")), 512, args.windows)
     calib = token_windows(tok, load_text(str(SHARED / "data/calib/c4.utf8")), 512, args.calib_samples)
     prompts = wiki[: args.on_policy, :32]
@@ -75,13 +87,15 @@ def main():
     # reference, which also checks EAR(p, p) = 1 on a real model.
     tp_windows = wiki[:8]
     with torch.inference_mode():
-        ref(input_ids=tp_windows[:1, :-1])  # warm-up
+        ref(input_ids=tp_windows[:1, :-1].to(dev))  # warm-up
+        sync()
         t = time.perf_counter()
         for b in tp_windows.split(8):
-            ref(input_ids=b[:, :-1])
+            ref(input_ids=b[:, :-1].to(dev))
+        sync()
         forward_s = time.perf_counter() - t
     twin = copy.deepcopy(ref)
-    self_fid = compare_windows(ref, twin, tp_windows, progress=False)
+    self_fid = compare_windows(ref, twin, tp_windows, progress=False, device=dev)
     del twin
     throughput = {"windows": int(tp_windows.shape[0]), "tokens": int(tp_windows.shape[0] * 511),
                   "reference_forward_tokens_per_s": tp_windows.shape[0] * 511 / forward_s,
@@ -96,13 +110,14 @@ def main():
     t = time.perf_counter()
     if args.report_only:
         args.on_policy, items = 0, {}
-    ref_wiki = CachedLogits().record(ref, wiki) if not args.report_only else None
-    op_windows, op_mask = sample_continuations(ref, prompts, 128, seed=0) if args.on_policy else (None, None)
-    ref_op = CachedLogits().record(ref, op_windows) if args.on_policy else None
+    ref_wiki = CachedLogits().record(ref, wiki, device=dev) if not args.report_only else None
+    op_windows, op_mask = (sample_continuations(ref, prompts, 128, seed=0, device=dev) if args.on_policy
+                           else (None, None))
+    ref_op = CachedLogits().record(ref, op_windows, device=dev) if args.on_policy else None
     task_configs = None if args.task_configs == "all" else set(args.task_configs.split(","))
     wants_tasks = task_configs is None or any(f"{m}-{g}" in task_configs for m in args.methods.split(",")
                                               for g in args.grids.split(","))
-    ref_tasks = {t: score_task(ref, tok, t, its, progress=False) for t, its in items.items()} if wants_tasks else {}
+    ref_tasks = {t: score_task(ref, tok, t, its, progress=False, device=dev, batch_size=tbs) for t, its in items.items()} if wants_tasks else {}
     reference_s = time.perf_counter() - t
 
     partial = Path(args.out).with_suffix(".partial.jsonl")
@@ -117,7 +132,8 @@ def main():
     def tasks_of(cand) -> dict:
         """Paired zero-shot comparison of a candidate with the reference, timed."""
         t = time.perf_counter()
-        out = compare_tasks(ref_tasks, {n: score_task(cand, tok, n, its, progress=False) for n, its in items.items()})
+        out = compare_tasks(ref_tasks, {n: score_task(cand, tok, n, its, progress=False, device=dev, batch_size=tbs)
+                                              for n, its in items.items()})
         out["wall_s"] = time.perf_counter() - t
         return out
 
@@ -139,7 +155,8 @@ def main():
                 cand = copy.deepcopy(ref)
                 t = time.perf_counter()
                 res = quantize_model(cand, QuantSpec(bits, args.group_size, grid == "sym"), method=method,
-                                     windows=calib if method == "gptq" else None, progress=False)
+                                     windows=calib if method == "gptq" else None, progress=False, device=dev)
+                sync()
                 quant_s = time.perf_counter() - t
                 if key in done:  # measured before without tasks: the same (deterministic) quantization gets them now
                     row = done[key]
@@ -154,9 +171,10 @@ def main():
                     added += 1
                     del cand
                     continue
-                fid = compare_windows(ref_wiki, cand, wiki, progress=False)
+                fid = compare_windows(ref_wiki, cand, wiki, progress=False, device=dev)
                 if args.on_policy:
-                    fid.on_policy = compare_windows(ref_op, cand, op_windows, mask=op_mask, progress=False)
+                    fid.on_policy = compare_windows(ref_op, cand, op_windows, mask=op_mask, progress=False,
+                                                    device=dev)
                 if wants:
                     fid.tasks = tasks_of(cand)
                 row = {"method": method, "bits": bits, "symmetric": grid == "sym", "group_size": args.group_size,
@@ -180,7 +198,8 @@ def main():
     result = {
         "benchmark": "fidelity_uniform",
         "model": "SmolLM2-135M-Instruct (embedded, fp32)",
-        "device": f"cpu: {platform.machine()}, {torch.get_num_threads()} threads",
+        "device": (f"cuda: {torch.cuda.get_device_name()}" if dev.startswith("cuda") else
+                   f"cpu: {platform.machine()}, {torch.get_num_threads()} threads"),
         "versions": versions(),
         "git_commit": git_commit(REPO),
         "settings": {**run_args, "data": "wiki.test.raw first windows x 512", "calib": "c4.utf8",

