@@ -255,9 +255,11 @@ def _score_batch(model, rows: list[list[int]], cont_lens: list[int], device, pad
     col_of = np.searchsorted(keep, np.concatenate(positions))
     targets = torch.tensor([t for r, c in zip(rows, cont_lens) for t in r[-c:]])
     logits = _forward_at(model, ids.to(device), mask.to(device), torch.from_numpy(keep).to(device))
-    picked = logits[torch.from_numpy(row_of).to(device), torch.from_numpy(col_of).to(device)].double().cpu()
-    token_ll = picked.log_softmax(-1).gather(1, targets[:, None])[:, 0].numpy()
-    token_miss = (picked.argmax(-1) != targets).numpy()
+    # fp64 log-softmax where the logits are (moving [tokens, V] to the host was most of the time on a GPU)
+    picked = logits[torch.from_numpy(row_of).to(device), torch.from_numpy(col_of).to(device)].double()
+    targets = targets.to(picked.device)
+    token_ll = picked.log_softmax(-1).gather(1, targets[:, None])[:, 0].cpu().numpy()
+    token_miss = (picked.argmax(-1) != targets).cpu().numpy()
     ll = np.bincount(row_of, weights=token_ll, minlength=len(rows))
     greedy = np.bincount(row_of, weights=token_miss, minlength=len(rows)) == 0
     return ll, greedy
