@@ -244,6 +244,17 @@ def test_dl_search_meets_its_target_on_held_out_windows(stories_dir, tmp_path):
 
     rep, out = _search(stories_dir, tmp_path, target="dl", ear=0.99)
     assert rep["verified"], rep["rounds"]
+    # the result is the accepted round with the fewest bits; a round after an accepted one is measured
+    # only when it needs fewer bits than every accepted round before it
+    accepted = [r for r in rep["rounds"] if r["accepted"]]
+    assert all(r["measured"]["ear"]["ci95"][0] >= 0.99 for r in accepted)
+    assert rep["allocation"] == min(accepted, key=lambda r: r["bits_per_param"])["allocation"]
+    best = None
+    for r in rep["rounds"]:
+        if best is not None:
+            assert r["bits_per_param"] < best
+        if r["accepted"]:
+            best = r["bits_per_param"] if best is None else min(best, r["bits_per_param"])
     tok = AutoTokenizer.from_pretrained(stories_dir)
     held_out = token_windows(tok, load_text(str(need(TINY_TEXT))), 128, 12, skip=12)
     from slq.checkpoint import load

@@ -8,7 +8,11 @@ Targets:
   sensitivity windows) turns the EAR target into a KL budget. The allocation is assembled and its EAR
   measured on the verification windows; it is accepted only when the 95% bootstrap lower bound is
   >= ``ear``. Otherwise the KL budget is tightened by the measured shortfall (through the map's
-  exponent, with a 10% margin) and the search repeats, for at most ``max_rounds`` rounds.
+  exponent, with a 10% margin) and the search repeats, for at most ``max_rounds`` rounds. An accepted
+  round with slack (lower bound above ``ear``) loosens the budget the same way to look for fewer bits;
+  after a loosened round fails, the budget is bisected (geometrically) between the accepted and the
+  failed one. The result is the accepted round with the fewest bits; a round whose allocation would not
+  need fewer bits than it is not measured.
 - ``tl`` (task-lossless): a uniform 4-bit anchor from the bank is scored on the zero-shot tasks and
   its KL measured; ``recovery ~ 1 - alpha * KL`` gives ``alpha`` and the recovery target a KL budget.
   The allocation is verified with the paired zero-shot test (average over the tasks: the 95% interval
@@ -311,6 +315,7 @@ class SearchSession:
             kl_budget = None
 
         rounds, accepted = [], None
+        failed_budget = None  # DL: the smallest KL budget whose allocation failed after one was accepted
         for r in range(1 if target == "bits" else max_rounds):
             t = time.perf_counter()
             if target == "bits":
@@ -323,6 +328,8 @@ class SearchSession:
                 except SlqError:  # below what the top bitwidth reaches (16 not allowed): take the top
                     alloc, solver, status = self.uniform(max(self.choices)), "none", "budget below the top bitwidth"
             timings["solve_s"] += time.perf_counter() - t
+            if accepted is not None and self.bits_per_param(alloc) >= accepted["bits_per_param"] - 1e-9:
+                break  # DL refinement: no fewer bits to gain
             t = time.perf_counter()
             fid = self.measure(alloc)
             rec = {"round": r + 1, "kl_budget": kl_budget, "predicted": self.predicted(alloc),
@@ -339,14 +346,23 @@ class SearchSession:
             timings["verify_s"] += time.perf_counter() - t
             rec["allocation"] = alloc
             rounds.append(rec)
-            if rec["accepted"]:
+            if rec["accepted"] and (accepted is None or rec["bits_per_param"] < accepted["bits_per_param"]):
                 accepted = rec
-                break
-            if target == "dl":
-                shortfall = (1.0 - ear) / max(1.0 - lb, 1e-12)
-                kl_budget = min(kl_budget * 0.9, kl_budget * 0.9 * shortfall ** (1.0 / self.emap.beta))
-            else:
+            if target != "dl":
+                if rec["accepted"]:
+                    break
                 kl_budget *= 0.5
+                continue
+            ratio = ((1.0 - ear) / max(1.0 - lb, 1e-12)) ** (1.0 / self.emap.beta)
+            if accepted is None:  # tighten by the measured shortfall, with a 10% margin
+                kl_budget = min(kl_budget * 0.9, kl_budget * 0.9 * ratio)
+                continue
+            if not rec["accepted"]:
+                failed_budget = kl_budget if failed_budget is None else min(failed_budget, kl_budget)
+            if failed_budget is None:  # loosen by the measured slack, with the same 10% margin
+                kl_budget = kl_budget * max(1.05, 0.9 * ratio)
+            else:  # bisect between the accepted budget and the failed one
+                kl_budget = math.sqrt(accepted["kl_budget"] * failed_budget)
         timings["run_s"] = time.perf_counter() - t_run
         return {"target": {"kind": target, "ear": ear if target == "dl" else None,
                            "recovery": recovery if target == "tl" else None, "bits": bits if target == "bits" else None,
