@@ -43,9 +43,19 @@ for step in "$@"; do
           if [ ! -f $G ]; then mkdir -p "$(dirname $G)" && cat .dev/smol.part1 .ggb/smol.part2 > $G; fi
           sha256sum $G  # b179c952... here
           export PYTHONPATH=$PYTHONPATH:$PWD/.dev/site SLQ_CACHE=$PWD/.dev/cache;;
-    fidelity) timeout "${FID_TIMEOUT:-540}" python3 bench/fidelity_uniform.py --device cuda --task-configs all \
+    fidelity) # rows already in the landed result (with their tasks) are reused; the rest are measured here
+              [ -f .dev/fidelity_uniform_gpu.json ] || cp bench/results/fidelity_uniform_gpu.json .dev/
+              timeout "${FID_TIMEOUT:-540}" python3 bench/fidelity_uniform.py --device cuda --task-configs all \
                 --task-limit "${TASK_LIMIT:-1000}" --out .dev/fidelity_uniform_gpu.json 2>&1 | grep -v "it/s\]"
               cp .dev/fidelity_uniform_gpu.* "$OUT"/ 2>/dev/null; ls "$OUT";;
+    search) # the DL stage of bench/search_smollm2.py per calibration-window count in $CALIBS (bank on the GPU)
+            for c in ${CALIBS:-128}; do
+              timeout "${SEARCH_TIMEOUT:-540}" python3 bench/search_smollm2.py --device cuda --stages dl \
+                --calib-samples "$c" --workdir ".dev/search-c$c" --out ".dev/search_smollm2_gpu_c$c${SEARCH_TAG:-}.json" \
+                ${SEARCH_ARGS:-} 2>&1 \
+                | grep -v "it/s\]"
+              cp .dev/search_smollm2_gpu_c$c${SEARCH_TAG:-}.* "$OUT"/ 2>/dev/null
+            done; ls "$OUT";;
     *) echo "unknown step $step"; exit 2;;
   esac
 done

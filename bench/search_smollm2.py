@@ -1,4 +1,5 @@
-"""The SLQ frontier on SmolLM2-135M-Instruct (CPU): budgets 3..8 vs uniform, DL and TL targets, estimators.
+"""The SLQ frontier on SmolLM2-135M-Instruct (CPU, or ``--device cuda``): budgets 3..8 vs uniform, DL and
+TL targets, estimators.
 
 One SearchSession (GPTQ asym g64 bank, calibration on C4) serves every stage; every measurement is
 on held-out WikiText-2 test windows (a different source from the calibration text), through one
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("SLQ_SHARED", REPO.parent / "shared"))
 sys.path.insert(0, str(REPO / "src"))
 
 STAGES = ("frontier", "uniform", "dl", "estimators", "tl")
@@ -54,10 +56,14 @@ def main():
     ap.add_argument("--shapley-bits", default="4,6,8")
     ap.add_argument("--fisher-windows", type=int, default=16)
     ap.add_argument("--task-limit", type=int, default=100)
+    ap.add_argument("--max-rounds", type=int, default=5, help="verification rounds of the DL stage")
     ap.add_argument("--workdir", default=str(Path.home() / ".cache/slq/bench-search-smollm2"))
     ap.add_argument("--out", default=str(REPO / "bench/results/search_smollm2.json"))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 everywhere; TF32 off)")
     ap.add_argument("--report-only", action="store_true", help="write the JSON/table/plot from the partial file")
     args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
     from slq.api import git_commit, versions
     from slq.models import embedded_default_dir
@@ -106,7 +112,7 @@ def main():
                       calib_samples=args.calib_samples, seq_len=512, sens_windows=args.sens_windows,
                       sens_seq_len=args.sens_seq_len, verify_windows=args.verify_windows,
                       verify_data=str(SHARED / "data/wikitext2/wiki.test.raw"), estimator=args.estimator,
-                      workdir=args.workdir, progress=sys.stderr.isatty())
+                      workdir=args.workdir, device=args.device, progress=sys.stderr.isatty())
     setup = {"wall_s": time.perf_counter() - t0, "timings": dict(s.timings)}
     print(f"session ready in {setup['wall_s']:.0f} s: {s.timings}", flush=True)
     stages = args.stages.split(",")
@@ -140,7 +146,7 @@ def main():
 
     if "dl" in stages and "dl" not in done:
         t = time.perf_counter()
-        res = s.run("dl", ear=0.99, max_rounds=5)
+        res = s.run("dl", ear=0.99, max_rounds=args.max_rounds)
         rows = [{k: v for k, v in r.items()} for r in res["rounds"]]
         record("dl", {"wall_s": time.perf_counter() - t, "estimator": s.sens.estimator, "rounds": rows,
                       "verified": res["accepted"] is not None, "ear_map": s.emap.to_dict()})
@@ -197,7 +203,8 @@ def main():
     result = {
         "benchmark": "search_smollm2",
         "model": "SmolLM2-135M-Instruct (embedded, fp32)",
-        "device": f"cpu: {platform.machine()}, {torch.get_num_threads()} threads",
+        "device": (f"cuda: {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else
+                   f"cpu: {platform.machine()}, {torch.get_num_threads()} threads"),
         "versions": versions(),
         "git_commit": git_commit(REPO),
         "settings": {**vars(args), "calib": "c4.utf8 (first windows x 512)",
@@ -211,7 +218,10 @@ def main():
 
     write_json(args.out, result)
     print(markdown(result))
-    plot(result, Path(args.out).with_suffix(".png"))
+    try:
+        plot(result, Path(args.out).with_suffix(".png"))
+    except ImportError as e:  # the GPU image has no matplotlib; the JSON is the result
+        print(f"no plot: {e}")
 
 
 def markdown(result: dict) -> str:
