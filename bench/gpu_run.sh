@@ -51,7 +51,7 @@ for step in "$@"; do
     search) # the DL stage of bench/search_smollm2.py per calibration-window count in $CALIBS (bank on the GPU)
             for c in ${CALIBS:-128}; do
               timeout "${SEARCH_TIMEOUT:-540}" python3 bench/search_smollm2.py --device cuda --stages dl \
-                --calib-samples "$c" --workdir ".dev/search-c$c" --out ".dev/search_smollm2_gpu_c$c${SEARCH_TAG:-}.json" \
+                --calib-samples "$c" --workdir ".dev/search-c$c${SEARCH_TAG:-}" --out ".dev/search_smollm2_gpu_c$c${SEARCH_TAG:-}.json" \
                 ${SEARCH_ARGS:-} 2>&1 \
                 | grep -v "it/s\]"
               cp .dev/search_smollm2_gpu_c$c${SEARCH_TAG:-}.* "$OUT"/ 2>/dev/null

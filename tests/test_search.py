@@ -244,11 +244,22 @@ def test_dl_search_meets_its_target_on_held_out_windows(stories_dir, tmp_path):
 
     rep, out = _search(stories_dir, tmp_path, target="dl", ear=0.99)
     assert rep["verified"], rep["rounds"]
-    # the result is the accepted round with the fewest bits; a round after an accepted one is measured
-    # only when it needs fewer bits than every accepted round before it
+    # a round is accepted only when its lower bound passes on the verification windows and on the second
+    # held-out sample; the result is the accepted round with the fewest bits. A round after an accepted one
+    # is measured only when it needs fewer bits than every accepted round before it.
     accepted = [r for r in rep["rounds"] if r["accepted"]]
     assert all(r["measured"]["ear"]["ci95"][0] >= 0.99 for r in accepted)
-    assert rep["allocation"] == min(accepted, key=lambda r: r["bits_per_param"])["allocation"]
+    assert all(r["confirmation"]["passed"] for r in accepted)
+    for r in rep["rounds"]:
+        passed_verify = r["measured"]["ear"]["ci95"][0] >= 0.99
+        assert ("confirmation" in r) == passed_verify
+        if passed_verify:
+            assert r["confirmation"]["passed"] == (r["confirmation"]["measured"]["ear"]["ci95"][0] >= 0.99)
+            assert r["accepted"] == r["confirmation"]["passed"]
+    assert rep["confirmation"]["windows"] == 12
+    assert [t["round"] for t in rep["confirmation"]["tries"]] == [r["round"] for r in rep["rounds"] if "confirmation" in r]
+    best_round = min(accepted, key=lambda r: r["bits_per_param"])
+    assert rep["allocation"] == best_round["allocation"] and rep["confirmed"] == best_round["confirmation"]
     best = None
     for r in rep["rounds"]:
         if best is not None:
@@ -262,12 +273,54 @@ def test_dl_search_meets_its_target_on_held_out_windows(stories_dir, tmp_path):
     fid = evaluate(load_model(stories_dir), (load(out), tok), windows=held_out, progress=False)
     assert fid.ear_ci95[0] >= 0.99
     assert fid.ear == pytest.approx(rep["measured"]["ear"]["mean"], abs=1e-4)
+    # and on the confirmation windows (the 12 after the verification ones), which no round chose on
+    unseen = token_windows(tok, load_text(str(need(TINY_TEXT))), 128, 12, skip=24)
+    fid = evaluate(load_model(stories_dir), (load(out), tok), windows=unseen, progress=False)
+    assert fid.ear_ci95[0] >= 0.99
+    assert fid.ear == pytest.approx(rep["confirmed"]["measured"]["ear"]["mean"], abs=1e-4)
     assert rep["bits_per_param"] < 16
     for key in ("model", "target", "bits_per_param", "bits_per_param_model", "predicted", "measured",
                 "allocation", "rounds", "timings"):
         assert key in rep
     for key in ("bank_s", "sensitivity_s", "solve_s", "verify_s", "total_s"):
         assert key in rep["timings"]
+
+
+def test_dl_round_failing_the_second_sample_is_rejected_and_tightens(stories_dir, tmp_path, monkeypatch):
+    """A round that passes on the verification windows but not on the second held-out sample is rejected,
+    and the next budget is tighter; failing there every time leaves the search NOT verified. The second
+    sample's lower bound is forced here (its windows and EAR are real)."""
+    from slq.search import SearchSession
+
+    s = SearchSession(str(stories_dir), calib=str(need(TINY_TEXT)), calib_samples=8, seq_len=64, sens_windows=4,
+                      verify_windows=6, confirm_windows=5, group_size=GS, bitwidths=(4, 6, 8, 16),
+                      workdir=tmp_path / "w", progress=False)
+    assert s.confirm_w.shape == (5, 64)
+    assert not any(torch.equal(c, v) for c in s.confirm_w for v in torch.cat([s.verify_w, s.calib_w]))
+    real = s.confirm
+    lows = []
+
+    def forced(allocs):
+        (fid,) = real(allocs)
+        fid.ear_ci95 = (lows.pop(0) if lows else 0.999, 1.0)
+        return [fid]
+
+    monkeypatch.setattr(s, "confirm", forced)
+    lows[:] = [0.5]
+    res = s.run("dl", ear=0.9, max_rounds=4)
+    first = next(r for r in res["rounds"] if "confirmation" in r)
+    assert not first["confirmation"]["passed"] and not first["accepted"]
+    after = [r for r in res["rounds"] if r["round"] > first["round"]]
+    assert after and after[0]["kl_budget"] < first["kl_budget"]
+    assert res["accepted"] is not None and res["accepted"]["round"] > first["round"]
+    lows[:] = [0.5] * 8
+    res = s.run("dl", ear=0.9, max_rounds=3)
+    assert res["accepted"] is None and res["confirmation"]["tries"]
+    assert not any(t["passed"] for t in res["confirmation"]["tries"])
+    # no second sample asked for: the verification windows alone decide, and the result says so
+    s.confirm_w, s.confirm_windows_n = None, 0
+    res = s.run("dl", ear=0.9, max_rounds=4)
+    assert res["accepted"] is not None and "no confirmation" in res["confirmation"]["note"]
 
 
 def test_cli_search_and_bad_input(stories_dir, tmp_path):
@@ -369,6 +422,8 @@ def test_generated_calibration_and_verification_are_independent_draws(stories_di
     assert s.probe_bits == (8,)  # the default probe (4 bits) falls back to the candidate nearest to it
     alone = generated_windows(s.model, s.tok, 4, 32, seed=0)
     assert torch.equal(s.calib_w, alone)
-    assert s.verify_w.shape == (3, 32)
+    assert s.verify_w.shape == (3, 32) and s.confirm_w.shape == (3, 32)  # the second sample: as many by default
     for v in s.verify_w:
         assert not any(torch.equal(v, c) for c in s.calib_w)
+    for c in s.confirm_w:
+        assert not any(torch.equal(c, x) for x in torch.cat([s.calib_w, s.verify_w]))

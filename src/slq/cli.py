@@ -89,6 +89,9 @@ def quantize(
     sens_windows: int = typer.Option(8, "--sens-windows", help="search: calibration windows used for sensitivities"),
     sens_seq_len: Optional[int] = typer.Option(None, "--sens-seq-len", help="search: tokens per sensitivity window (default --seq-len)"),
     verify_windows: int = typer.Option(16, "--verify-windows", help="search: held-out windows for verification"),
+    confirm_windows: Optional[int] = typer.Option(
+        None, "--confirm-windows", help="search (dl): further held-out windows that confirm the accepted round "
+                                        "(default --verify-windows; 0: none)"),
     probe_bits: Optional[str] = typer.Option(None, "--probe-bits",
                                              help="linear estimator: probe bitwidth(s) (default 4, or the candidate nearest to it)"),
     orderings: int = typer.Option(2, "--orderings", help="Shapley estimator: random orderings"),
@@ -141,7 +144,7 @@ def quantize(
                       task_limit=task_limit, bitwidths=_int_list(bitwidths, "--bitwidths"), units=units,
                       estimator=estimator, group_size=_group(group_size), symmetric=sym, method=method, calib=calib,
                       calib_samples=calib_samples, seq_len=seq_len, sens_windows=sens_windows,
-                      sens_seq_len=sens_seq_len, verify_windows=verify_windows,
+                      sens_seq_len=sens_seq_len, verify_windows=verify_windows, confirm_windows=confirm_windows,
                       probe_bits=None if probe_bits is None else _int_list(probe_bits, "--probe-bits"), orderings=orderings, max_rounds=max_rounds,
                       baselines=_int_list(baselines, "--baselines") if baselines else None, clip=not no_clip,
                       attention=not plain_hessians, device=device, seed=seed, workdir=workdir, out=out, force=force,
@@ -171,6 +174,15 @@ def print_search(report: dict) -> None:
                    f"{mm['ear']['mean']:.4f} [{mm['ear']['ci95'][0]:.4f}, {mm['ear']['ci95'][1]:.4f}]",
                    f"{mm['kl']['mean']:.2e}", "yes" if r["accepted"] else "no")
     console.print(tb)
+    conf = report.get("confirmation")
+    if conf and conf.get("tries"):
+        for c in conf["tries"]:
+            e = c["measured"]["ear"]
+            console.print(f"round {c['round']} ({c['bits_per_param']:.3f} b/p) on the second held-out sample "
+                          f"({conf['windows']} windows): EAR {e['mean']:.4f} [{e['ci95'][0]:.4f}, {e['ci95'][1]:.4f}] "
+                          f"{'passed' if c['passed'] else 'FAILED'}")
+    elif conf and conf.get("note"):
+        console.print(f"confirmation: {conf['note']}")
     hist = ", ".join(f"{b}b {v:.0%}" for b, v in report["bits_histogram"].items() if v)
     console.print(f"allocation: {hist}; {report['n_params_kept_16bit']:,} parameters kept in 16-bit")
     console.print(f"measured: EAR {m['ear']['mean']:.5f} [{m['ear']['ci95'][0]:.5f}, {m['ear']['ci95'][1]:.5f}], "

@@ -7,7 +7,11 @@ Targets:
   the sum of the units' costs; :class:`slq.sensitivity.EarMap` (fitted on measured points of the
   sensitivity windows) turns the EAR target into a KL budget. The allocation is assembled and its EAR
   measured on the verification windows; it is accepted only when the 95% bootstrap lower bound is
-  >= ``ear``. Otherwise the KL budget is tightened by the measured shortfall (through the map's
+  >= ``ear`` there and, when ``confirm_windows`` > 0 (default: as many as the verification windows), on a
+  second held-out sample too (the windows after the verification ones, or later generated draws). The
+  rounds choose among allocations by the verification windows, so the best accepted one's bound there is
+  optimistic, and a few windows of text can be easier than the next few; the second sample guards both.
+  The tightening uses the lower of the two bounds. Otherwise the KL budget is tightened by the measured shortfall (through the map's
   exponent, with a 10% margin) and the search repeats, for at most ``max_rounds`` rounds. An accepted
   round with slack (lower bound above ``ear``) loosens the budget the same way to look for fewer bits;
   after a loosened round fails, the budget is bisected (geometrically) between the accepted and the
@@ -111,7 +115,8 @@ class SearchSession:
 
     def __init__(self, model=None, *, bitwidths=DEFAULT_BITWIDTHS, units="fused", estimator="linear",
                  group_size=128, symmetric=False, method="gptq", calib=None, calib_samples=32, seq_len=512,
-                 sens_windows=8, sens_seq_len=None, verify_windows=16, verify_data=None, probe_bits=None,
+                 sens_windows=8, sens_seq_len=None, verify_windows=16, verify_data=None, confirm_windows=None,
+                 probe_bits=None,
                  orderings=2, fisher_draws=1, map_bits=(4, 5, 6, 7, 8), clip=True, attention=True, device="cpu",
                  seed=0, workdir=None, progress=True, trust_remote_code=False, target_check=None):
         from .api import open_model
@@ -130,6 +135,9 @@ class SearchSession:
             raise SlqError("--device cuda was asked for but CUDA is not available")
         if sens_windows < 1 or verify_windows < 1 or calib_samples < sens_windows:
             raise SlqError("need --verify-windows >= 1 and 1 <= --sens-windows <= --calib-samples")
+        confirm_windows = verify_windows if confirm_windows is None else int(confirm_windows)
+        if confirm_windows < 0:
+            raise SlqError(f"--confirm-windows must be >= 0 (0: no confirmation), got {confirm_windows}")
         if probe_bits is None:  # 4 bits, or the candidate nearest to it
             probe_bits = (min(self.quant_bits, key=lambda b: (abs(b - 4), b)),)
         for b in probe_bits:
@@ -138,6 +146,7 @@ class SearchSession:
         self.bitwidths, self.units_mode, self.group_size, self.symmetric = bitwidths, units, group_size, symmetric
         self.method, self.calib, self.calib_samples, self.seq_len = method, calib, calib_samples, seq_len
         self.verify_windows_n, self.verify_data, self.probe_bits = verify_windows, verify_data, tuple(probe_bits)
+        self.confirm_windows_n, self.confirm_note, self.ref_confirm = confirm_windows, None, None
         self.orderings, self.fisher_draws, self.clip, self.device, self.seed = orderings, fisher_draws, clip, device, seed
         self.attention = attention
         self.progress = progress
@@ -158,19 +167,23 @@ class SearchSession:
         if verify_data is None and (calib is None or calib == GENERATED):
             # One sampling pass for both: sequence i depends only on (seed, i), so the first calib_samples are the
             # calibration and the next verify_windows, independent draws, are held out (half the decode steps).
-            both = generated_windows(m, tok, calib_samples + verify_windows, seq_len, seed=seed, device=device,
-                                     progress=progress)
-            self.calib_w, self.verify_w = both[:calib_samples], both[calib_samples:]
+            both = generated_windows(m, tok, calib_samples + verify_windows + confirm_windows, seq_len, seed=seed,
+                                     device=device, progress=progress)
+            self.calib_w = both[:calib_samples]
+            self.verify_w = both[calib_samples : calib_samples + verify_windows]
+            self.confirm_w = both[calib_samples + verify_windows :] if confirm_windows else None
         elif verify_data is None:
             self.calib_w = windows_from_source(calib, m, tok, n=calib_samples, seq_len=seq_len, seed=seed,
                                                device=device, progress=progress)
             self.verify_w = windows_from_source(calib, m, tok, n=verify_windows, seq_len=seq_len, skip=calib_samples,
                                                 seed=seed, device=device, progress=progress)
+            self.confirm_w = self._confirm_windows(calib, calib_samples + verify_windows, seed)
         else:  # another source: held out by construction (e.g. WikiText-2 test against C4 calibration)
             self.calib_w = windows_from_source(calib, m, tok, n=calib_samples, seq_len=seq_len, seed=seed,
                                                device=device, progress=progress)
             self.verify_w = windows_from_source(verify_data, m, tok, n=verify_windows, seq_len=seq_len,
                                                 seed=seed + 1, device=device, progress=progress)
+            self.confirm_w = self._confirm_windows(verify_data, verify_windows, seed + 1)
         self.sens_w = self.calib_w[:sens_windows, : (sens_seq_len or seq_len)]
         self.timings["data_s"] = time.perf_counter() - t
 
@@ -205,6 +218,18 @@ class SearchSession:
         self.sens = self.estimate(estimator)
         self.choices = list(self.quant_bits) + ([KEEP_BITS] if self.allow16 else [])
         self.ref_tasks = None
+
+    def _confirm_windows(self, source, skip: int, seed: int):
+        """The confirmation windows: the ``confirm_windows`` after the verification ones, or None (with a note)
+        when none are asked for or the source has too few."""
+        if not self.confirm_windows_n:
+            return None
+        try:
+            return windows_from_source(source, self.model, self.tok, n=self.confirm_windows_n, seq_len=self.seq_len,
+                                       skip=skip, seed=seed, device=self.device, progress=self.progress)
+        except SlqError as e:
+            self.confirm_note = f"no confirmation: {e}"
+            return None
 
     # ---------------------------------------------------------------- sensitivities
 
@@ -253,6 +278,19 @@ class SearchSession:
         self.bank.apply(self.model, alloc)
         return compare_windows(self.ref_verify, self.model, self.verify_w, device=self.device, progress=False,
                                seed=self.seed)
+
+    def confirm(self, allocs: list[dict]) -> list:
+        """Each allocation compared with the reference on the confirmation windows (the reference's logits on
+        them are computed at the first call and kept, like the verification windows')."""
+        if self.ref_confirm is None:
+            self.bank.restore(self.model)
+            self.ref_confirm = CachedLogits().record(self.model, self.confirm_w, device=self.device)
+        out = []
+        for alloc in allocs:
+            self.bank.apply(self.model, alloc)
+            out.append(compare_windows(self.ref_confirm, self.model, self.confirm_w, device=self.device,
+                                       progress=False, seed=self.seed))
+        return out
 
     def _tasks(self, names, task_limit, task_dir):
         from .tasks import load_task, score_task
@@ -337,6 +375,12 @@ class SearchSession:
                    "measured": _fid_summary(fid)}
             lb = fid.ear_ci95[0]
             if target == "dl":
+                if lb >= ear and self.confirm_w is not None:  # and on the second held-out sample
+                    t_c = time.perf_counter()
+                    (cf,) = self.confirm([alloc])
+                    rec["confirmation"] = {"measured": _fid_summary(cf), "passed": bool(cf.ear_ci95[0] >= ear)}
+                    lb = min(lb, cf.ear_ci95[0])
+                    timings["confirm_s"] = timings.get("confirm_s", 0.0) + time.perf_counter() - t_c
                 rec["accepted"] = bool(lb >= ear)
             elif target == "tl":
                 rec["tasks"] = compare_tasks(self.ref_tasks, score(), tolerance=tolerance, seed=self.seed)
@@ -363,12 +407,19 @@ class SearchSession:
                 kl_budget = kl_budget * max(1.05, 0.9 * ratio)
             else:  # bisect between the accepted budget and the failed one
                 kl_budget = math.sqrt(accepted["kl_budget"] * failed_budget)
+        confirmation = None
+        if target == "dl":
+            tries = [{"round": r["round"], "bits_per_param": r["bits_per_param"], **r["confirmation"]}
+                     for r in rounds if "confirmation" in r]
+            confirmation = {"windows": 0 if self.confirm_w is None else int(self.confirm_w.shape[0]), "tries": tries}
+            if self.confirm_w is None:
+                confirmation["note"] = self.confirm_note or "no confirmation windows asked for"
         timings["run_s"] = time.perf_counter() - t_run
         return {"target": {"kind": target, "ear": ear if target == "dl" else None,
                            "recovery": recovery if target == "tl" else None, "bits": bits if target == "bits" else None,
                            "tolerance": tolerance if target == "tl" else None},
                 "rounds": rounds, "accepted": accepted, "final": accepted or rounds[-1], "anchor": anchor,
-                "timings": timings}
+                "confirmation": confirmation, "timings": timings}
 
     def baselines(self, bits_list) -> list[dict]:
         rows = []
@@ -423,6 +474,7 @@ class SearchSession:
             "search": True, "bits": None, "target": result["target"]["kind"], "estimator": self.sens.estimator,
             "units": self.units_mode, "bitwidths": list(self.bitwidths), "sens_windows": int(self.sens_w.shape[0]),
             "sens_seq_len": int(self.sens_w.shape[1]), "verify_windows": self.verify_windows_n,
+            "confirm_windows": self.confirm_windows_n,
             "verify_data": self.verify_data or "calibration source, windows after the calibration ones",
             "probe_bits": list(self.probe_bits), "orderings": self.orderings, "fisher_draws": self.fisher_draws,
             "attention_hessians": self.attention, "workdir": str(self.workdir)})
@@ -439,6 +491,8 @@ class SearchSession:
             "n_params_kept_16bit": sum(u.n_params for u in self.units if alloc[u.name] == KEEP_BITS),
             "predicted": final["predicted"],
             "measured": final["measured"],
+            "confirmed": final.get("confirmation"),
+            "confirmation": result.get("confirmation"),
             "allocation": alloc,
             "bits_histogram": {str(b): sum(u.n_params for u in self.units if alloc[u.name] == b) / self.n_params
                                for b in self.choices},
@@ -457,8 +511,9 @@ class SearchSession:
         timings = dict(self.timings)
         timings["solve_s"] = result["timings"]["solve_s"]
         timings["verify_s"] = result["timings"]["verify_s"]
-        if "anchor_s" in result["timings"]:
-            timings["anchor_s"] = result["timings"]["anchor_s"]
+        for k in ("anchor_s", "confirm_s"):
+            if k in result["timings"]:
+                timings[k] = result["timings"][k]
         timings["total_s"] = time.perf_counter() - self.t_start
         report["timings"] = timings
         return report
@@ -502,7 +557,7 @@ def search(
 
     ``session`` holds the :class:`SearchSession` settings (bitwidths, units, estimator, group_size,
     symmetric, method, calib, calib_samples, seq_len, sens_windows, sens_seq_len, verify_windows,
-    verify_data, probe_bits, orderings, fisher_draws, clip, attention, device, seed, workdir, progress,
+    verify_data, confirm_windows, probe_bits, orderings, fisher_draws, clip, attention, device, seed, workdir, progress,
     trust_remote_code). Returns the report (also ``slq_report.json`` in ``out``).
     """
     if target not in TARGETS:

@@ -128,6 +128,16 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['round']} | {kb} | {r['predicted']['kl']:.3e} | {r['predicted']['ear']:.5f} | "
                      f"{r['bits_per_param']:.4f} | {mm['ear']['mean']:.5f} [{mm['ear']['ci95'][0]:.5f}, "
                      f"{mm['ear']['ci95'][1]:.5f}] | {mm['kl']['mean']:.3e} | {'yes' if r['accepted'] else 'no'} |")
+    conf = report.get("confirmation")
+    if conf and conf.get("tries"):
+        lines += ["", f"Second held-out sample ({conf['windows']} windows after the verification ones; a round is "
+                      "accepted only when its lower bound passes there too):", ""]
+        for c in conf["tries"]:
+            e = c["measured"]["ear"]
+            lines.append(f"- round {c['round']} ({c['bits_per_param']:.4f} b/p): EAR {e['mean']:.5f} "
+                         f"[{e['ci95'][0]:.5f}, {e['ci95'][1]:.5f}], {'passed' if c['passed'] else 'failed'}")
+    elif conf and conf.get("note"):
+        lines += ["", f"Confirmation: {conf['note']}."]
     if report.get("anchor"):
         a = report["anchor"]
         lines += ["", f"TL anchor (uniform 4-bit): KL {a['kl']:.3e}, recovery {a['recovery']:.4f}, "
