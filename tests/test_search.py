@@ -427,3 +427,30 @@ def test_generated_calibration_and_verification_are_independent_draws(stories_di
         assert not any(torch.equal(v, c) for c in s.calib_w)
     for c in s.confirm_w:
         assert not any(torch.equal(c, x) for x in torch.cat([s.calib_w, s.verify_w]))
+
+
+def test_second_sample_is_skipped_with_a_note_when_the_text_is_too_short(stories_dir, tmp_path):
+    """A text with room for the calibration and verification windows but not for the second sample: the
+    session still runs, without it, and says why; a negative count is refused in one line."""
+    from transformers import AutoTokenizer
+
+    from slq.errors import SlqError
+
+    from slq.search import SearchSession
+
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    text = need(TINY_TEXT).read_text()
+    ids = tok(text).input_ids[: 64 * 7 + 10]  # room for 7 windows of 64 tokens (the last one partial)
+    short = tmp_path / "short.txt"
+    short.write_text(tok.decode(ids))
+    n_windows = len(tok(short.read_text()).input_ids) // 64
+    assert 6 <= n_windows < 4 + 2 + 2
+    s = SearchSession(str(stories_dir), calib=str(short), calib_samples=4, seq_len=64, sens_windows=2,
+                      verify_windows=2, group_size=GS, bitwidths=(8, 16), map_bits=(8,), workdir=tmp_path / "w",
+                      progress=False)
+    assert s.confirm_w is None and "no confirmation" in s.confirm_note and "only has" in s.confirm_note
+    res = s.run("dl", ear=0.5, max_rounds=1)
+    assert res["confirmation"]["windows"] == 0 and res["confirmation"]["note"] == s.confirm_note
+    with pytest.raises(SlqError, match="--confirm-windows must be >= 0"):
+        SearchSession(str(stories_dir), calib=str(short), calib_samples=4, seq_len=64, sens_windows=2,
+                      verify_windows=2, confirm_windows=-1, group_size=GS, workdir=tmp_path / "w2", progress=False)
