@@ -341,7 +341,8 @@ def test_cli_search_and_bad_input(stories_dir, tmp_path):
     for bad, msg in ((["--target", "xx"], "--target must be dl or tl"),
                      (["--target", "dl", "--bits", "4.5"], "either --target or --bits"),
                      (["--bits", "1.5"], "below the smallest reachable"),
-                     (["--bits", "5.5", "--bitwidths", "3,9"], "--bitwidths")):
+                     (["--bits", "5.5", "--bitwidths", "3,9"], "--bitwidths"),
+                     (["--target", "dl", "--confirm-windows", "-1"], "--confirm-windows must be >= 0")):
         r = runner.invoke(app, ["quantize", *base, *bad, "--out", str(tmp_path / "bad")])
         assert r.exit_code == 1 and "error:" in r.output and msg in r.output, r.output
         assert not (tmp_path / "bad").exists()
