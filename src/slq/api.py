@@ -80,6 +80,7 @@ def quantize(
     seq_len: int = 512,
     clip: bool = True,
     attention: bool = True,
+    act_order: bool = False,
     device: str = "cpu",
     seed: int = 0,
     out: str | Path | None = None,
@@ -96,7 +97,8 @@ def quantize(
     tokens of ``eval_data`` (held out: generated data uses another seed than calibration;
     for a text file, the windows after the calibration windows are used) and the numbers
     go into the report under ``fidelity``. ``attention=False`` gives keys and values plain ``X^T X``
-    Hessians (see :mod:`slq.calib`). Returns the report (also slq_report.json).
+    Hessians (see :mod:`slq.calib`); ``act_order`` runs GPTQ by decreasing Hessian diagonal with static
+    groups (see :mod:`slq.gptq`). Returns the report (also slq_report.json).
     """
     spec = QuantSpec(bits, group_size, symmetric)  # validates bits and group size
     if out is not None and Path(out).exists() and not force:
@@ -116,11 +118,12 @@ def quantize(
         windows = windows_from_source(calib, m, tok, n=calib_samples, seq_len=seq_len, seed=seed, device=device,
                                       progress=progress)
     t_calib = time.perf_counter() - t
-    res = quantize_model(m, spec, method=method, windows=windows, clip=clip, attention=attention, device=device,
-                         progress=progress)
+    res = quantize_model(m, spec, method=method, windows=windows, clip=clip, attention=attention,
+                         act_order=act_order, device=device, progress=progress)
     report = build_report(m, path, res.plan, spec, method=method, calib=calib, calib_samples=calib_samples,
                           seq_len=seq_len, clip=clip, seed=seed, device=device)
     report["settings"]["attention_hessians"] = attention and method == "gptq"
+    report["settings"]["act_order"] = act_order and method == "gptq"
     report["timings"] = {"load_s": t_load, "calibration_data_s": t_calib, **res.timings}
     if eval:
         from .evaluate import evaluate

@@ -193,6 +193,7 @@ def build_bank(
     clip: bool = True,
     damp: float = 0.01,
     attention: bool = True,
+    act_order: bool = False,
     batch_size: int = 8,
     device: str = "cpu",
     progress: bool = True,
@@ -214,6 +215,8 @@ def build_bank(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     settings = _settings(units, bitwidths, group_size, symmetric, method, clip, damp, attention)
+    if act_order:  # only when on, so the fingerprints of banks built before the option stay valid
+        settings["act_order"] = True
     fp = fingerprint(model, windows, settings)
     meta_path = workdir / META
     meta = {"fingerprint": fp, "settings": settings, "layers": {}}
@@ -245,7 +248,7 @@ def build_bank(
             if i in todo and i in by_layer:
                 meta["layers"][str(i)], lt = _bank_layer(layer, i, prefix, by_layer[i], batches, workdir, bitwidths,
                                                          group_size, symmetric, method, clip, damp, device,
-                                                         attention)
+                                                         attention, act_order)
                 for k, v in lt.items():
                     parts[k] = parts.get(k, 0.0) + v
                 tmp = meta_path.with_suffix(".json.tmp")
@@ -265,7 +268,7 @@ def build_bank(
 
 
 def _bank_layer(layer, i, prefix, units, batches, workdir, bitwidths, group_size, symmetric, method, clip,
-                damp, device, attention) -> dict:
+                damp, device, attention, act_order=False) -> dict:
     from .checkpoint import pack_weight
 
     t_start = time.perf_counter()
@@ -294,7 +297,7 @@ def _bank_layer(layer, i, prefix, units, batches, workdir, bitwidths, group_size
         Ws = torch.cat([W[m][r0:r1] for m, r0, r1, _ in ps])
         if method == "gptq":
             fac = factor(acc.H, damp)
-            res = gptq_quantize_many(Ws.to(device), fac, specs, clip=clip)
+            res = gptq_quantize_many(Ws.to(device), fac, specs, clip=clip, act_order=act_order)
             H = fac.H
         else:
             res = [quantize_rtn(Ws, s, clip=clip) for s in specs]

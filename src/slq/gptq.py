@@ -9,6 +9,11 @@ lazy updates of the rest of the matrix.
 One factorization per layer serves every bitwidth: :func:`factor` returns the upper
 Cholesky factor of H^-1 (with damping), and :func:`gptq_quantize` only reads it.
 Group parameters are computed from the *updated* weights when a group starts.
+
+``act_order=True`` quantizes the columns in order of decreasing Hessian diagonal (the inputs with the
+most energy first, while the most columns are left to absorb their error). The groups stay the
+contiguous column ranges of the checkpoint format, so their parameters are fixed from the original
+weights before the pass ("static groups"); the codes need no column permutation to be read back.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ class Factor:
     U: torch.Tensor  # fp32 [K, K]
     dead: torch.Tensor  # bool [K]: inputs that were always zero
     H: torch.Tensor  # fp64 [K, K] undamped Hessian (dead inputs set to 1), for error evaluation
+    damp: float = 0.01  # the damping that was asked for (act-order refactors the permuted Hessian with it)
 
 
 def factor(H: torch.Tensor, damp: float = 0.01) -> Factor:
@@ -116,22 +122,62 @@ def factor(H: torch.Tensor, damp: float = 0.01) -> Factor:
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0:
-                return Factor(U.to(torch.float32), dead, H)
+                return Factor(U.to(torch.float32), dead, H, damp)
     raise RuntimeError("Hessian is not positive definite even after heavy damping")
 
 
 @torch.no_grad()
 def gptq_quantize(
-    W: torch.Tensor, fac: Factor, spec: QuantSpec, clip: bool = True, block_size: int = 128
+    W: torch.Tensor, fac: Factor, spec: QuantSpec, clip: bool = True, block_size: int = 128, act_order: bool = False
 ) -> QuantizedWeight:
     """Quantize W [N, K] with GPTQ error feedback; returns codes and group params."""
-    return gptq_quantize_many(W, fac, [spec], clip=clip, block_size=block_size)[0]
+    return gptq_quantize_many(W, fac, [spec], clip=clip, block_size=block_size, act_order=act_order)[0]
+
+
+@torch.no_grad()
+def _gptq_act_order(W: torch.Tensor, fac: Factor, specs: list[QuantSpec], clip: bool, block_size: int,
+                    maxq) -> list[QuantizedWeight]:
+    """GPTQ over the columns in order of decreasing diag(H), with static group parameters (torch loop).
+
+    ``W`` is already stacked (one copy per spec) with dead inputs zeroed; ``maxq`` is per row or an int.
+    """
+    spec0 = specs[0]
+    NR, K = W.shape
+    N = NR // len(specs)
+    G = spec0.effective_group(K)
+    scales, zeros = qparams(W, spec0, G, clip=clip, maxq=maxq)  # from the original weights, per group
+    perm = torch.argsort(torch.diag(fac.H), descending=True, stable=True).to(W.device)
+    H = fac.H[perm][:, perm]
+    U = factor(H, fac.damp).U.to(W.device)
+    group = perm // G  # the group of each column in the new order
+    Wp = W[:, perm].clone()
+    codes_p = torch.zeros(NR, K, dtype=torch.uint8, device=W.device)
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1 = Wp[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        s_blk, z_blk = scales[:, group[i1:i2]], zeros[:, group[i1:i2]]
+        for i in range(i2 - i1):
+            s, z = s_blk[:, i : i + 1], z_blk[:, i : i + 1]
+            w = W1[:, i : i + 1]
+            q = _codes(w.unsqueeze(1), s, z, maxq).reshape(NR, 1)
+            codes_p[:, i1 + i] = q[:, 0].to(torch.uint8)
+            err = (w - _dequant_grouped(q.unsqueeze(1), s, z).reshape(NR, 1)) / U1[i, i]
+            W1[:, i:] -= err @ U1[i : i + 1, i:]
+            Err1[:, i] = err[:, 0]
+        Wp[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    codes = torch.empty_like(codes_p)
+    codes[:, perm] = codes_p
+    zeros = zeros.to(torch.uint8)
+    return [QuantizedWeight(codes[r * N:(r + 1) * N], scales[r * N:(r + 1) * N], zeros[r * N:(r + 1) * N], s)
+            for r, s in enumerate(specs)]
 
 
 @torch.no_grad()
 def gptq_quantize_many(
     W: torch.Tensor, fac: Factor, specs: list[QuantSpec], clip: bool = True, block_size: int = 128,
-    kernel: bool | None = None,
+    kernel: bool | None = None, act_order: bool = False,
 ) -> list[QuantizedWeight]:
     """GPTQ of one W [N, K] at several bitwidths in one pass over the columns.
 
@@ -142,6 +188,7 @@ def gptq_quantize_many(
 
     ``kernel``: run each sub-block of columns as one Triton launch (:mod:`slq.kernels.triton_gptq`,
     bit-identical to the torch loop); the default uses it on CUDA tensors when Triton is installed.
+    ``act_order``: columns by decreasing diag(H), static groups (module docstring); torch loop only.
     """
     if not specs:
         return []
@@ -157,6 +204,10 @@ def gptq_quantize_many(
     maxq = torch.tensor([s.maxq for s in specs], dtype=torch.float32, device=W.device).repeat_interleave(N)[:, None]
     if R == 1:
         maxq = spec0.maxq  # plain integer path
+    if act_order:
+        if kernel:
+            raise ValueError("gptq_quantize_many: act_order runs the torch loop only (kernel=True was asked for)")
+        return _gptq_act_order(W, fac, specs, clip, block_size, maxq)
     U = fac.U.to(W.device).contiguous()  # LAPACK hands back column-major factors; the kernel reads rows
     per_channel = G == K
     B = max(block_size, G) if not per_channel else block_size

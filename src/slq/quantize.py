@@ -62,6 +62,7 @@ def quantize_model(
     clip: bool = True,
     damp: float = 0.01,
     attention: bool = True,
+    act_order: bool = False,
     sequential: bool = True,
     batch_size: int = 8,
     device: str = "cpu",
@@ -73,7 +74,8 @@ def quantize_model(
     layer, which is how mixed-bitwidth plans are built; a ``None`` value keeps that layer
     unquantized (the "16-bit" choice of the bit search). GPTQ needs ``windows``
     (LongTensor [n, seq_len] of calibration tokens). ``attention``: GPTQ of key and value projections uses
-    attention-aware Hessians, one per key/value head (:mod:`slq.calib`).
+    attention-aware Hessians, one per key/value head (:mod:`slq.calib`). ``act_order``: GPTQ quantizes the
+    columns by decreasing Hessian diagonal, with static groups (:mod:`slq.gptq`).
     """
     if method not in METHODS:
         raise SlqError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -147,7 +149,7 @@ def quantize_model(
                         factors[key] = factor(ps[0][3].H, damp)
                     fac = factors[key]
                     W = torch.cat([weights[m][r0:r1] for m, r0, r1, _ in ps]).to(device)
-                    q = gptq_quantize(W, fac, spec_, clip=clip)
+                    q = gptq_quantize(W, fac, spec_, clip=clip, act_order=act_order)
                     row = 0
                     for m, r0, r1, _ in ps:
                         n = r1 - r0
