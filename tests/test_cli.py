@@ -43,6 +43,14 @@ def test_quantize_info_generate(stories_dir, tmp_path):
     assert r.exit_code == 0 and r.output.startswith("Once upon a time")
 
 
+def _quantize3(stories_dir, out, calib_samples, *flags) -> dict:
+    """3-bit GPTQ of stories260K on the tiny text through the CLI; returns the written report."""
+    r = _slq("quantize", stories_dir, "--bits", "3", "--calib", need(TINY_TEXT), "--calib-samples", calib_samples,
+             "--seq-len", "64", "--out", out, *flags)
+    assert r.exit_code == 0, r.output
+    return json.loads((out / "slq_report.json").read_text())
+
+
 def test_plain_hessians_flag_changes_only_keys_and_values(stories_dir, tmp_path):
     """--plain-hessians is recorded, and against the default it changes the k/v codes and nothing else in
     layer 0 (later layers see different inputs through sequential GPTQ)."""
@@ -51,10 +59,7 @@ def test_plain_hessians_flag_changes_only_keys_and_values(stories_dir, tmp_path)
     codes = {}
     for flag in ([], ["--plain-hessians"]):
         out = tmp_path / ("plain" if flag else "aware")
-        r = _slq("quantize", stories_dir, "--bits", "3", "--calib", need(TINY_TEXT), "--calib-samples", "4",
-                 "--seq-len", "64", "--out", out, *flag)
-        assert r.exit_code == 0, r.output
-        assert json.loads((out / "slq_report.json").read_text())["settings"]["attention_hessians"] is (not flag)
+        assert _quantize3(stories_dir, out, 4, *flag)["settings"]["attention_hessians"] is (not flag)
         with safe_open(str(out / "model.safetensors"), "pt") as f:
             codes[bool(flag)] = {k: f.get_tensor(k) for k in f.keys() if ".layers.0." in k and k.endswith("weight_packed")}
     assert codes[True]
@@ -68,14 +73,13 @@ def test_act_order_flag_is_recorded_and_lowers_the_output_error(stories_dir, tmp
     linears at 3 bits, gives no more layer-output error than plain GPTQ (the report's own metric)."""
     errs = {}
     for flag in ([], ["--act-order"]):
-        out = tmp_path / ("act" if flag else "plain")
-        r = _slq("quantize", stories_dir, "--bits", "3", "--calib", need(TINY_TEXT), "--calib-samples", "8",
-                 "--seq-len", "64", "--out", out, *flag)
-        assert r.exit_code == 0, r.output
-        rep = json.loads((out / "slq_report.json").read_text())
+        rep = _quantize3(stories_dir, tmp_path / ("act" if flag else "plain"), 8, *flag)
         assert rep["settings"]["act_order"] is bool(flag)
         errs[bool(flag)] = sum(lp["metrics"]["rel_output_error"] for lp in rep["plan"].values())
     assert errs[True] != errs[False] and errs[True] <= errs[False] * 1.02, errs
+    r = _slq("quantize", stories_dir, "--bits", "8", "--method", "rtn", "--act-order", "--out", tmp_path / "bad")
+    assert r.exit_code == 1 and "--act-order" in r.output and "needs --method gptq" in r.output, r.output
+    assert not (tmp_path / "bad").exists()
 
 
 def test_rtn_needs_no_calibration(stories_dir, tmp_path):

@@ -101,6 +101,8 @@ def quantize(
     groups (see :mod:`slq.gptq`). Returns the report (also slq_report.json).
     """
     spec = QuantSpec(bits, group_size, symmetric)  # validates bits and group size
+    if act_order and method != "gptq":
+        raise SlqError("--act-order orders GPTQ's columns: it needs --method gptq")
     if out is not None and Path(out).exists() and not force:
         raise SlqError(f"output directory {out} exists; pass --force to replace it")
     if device == "cuda" and not torch.cuda.is_available():

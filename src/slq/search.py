@@ -11,8 +11,8 @@ Targets:
   second held-out sample too (the windows after the verification ones, or later generated draws). The
   rounds choose among allocations by the verification windows, so the best accepted one's bound there is
   optimistic, and a few windows of text can be easier than the next few; the second sample guards both.
-  The tightening uses the lower of the two bounds. Otherwise the KL budget is tightened by the measured shortfall (through the map's
-  exponent, with a 10% margin) and the search repeats, for at most ``max_rounds`` rounds. An accepted
+  Otherwise the KL budget is tightened by the measured shortfall (the lower of the two bounds, through
+  the map's exponent, with a 10% margin) and the search repeats, for at most ``max_rounds`` rounds. An accepted
   round with slack (lower bound above ``ear``) loosens the budget the same way to look for fewer bits;
   after a loosened round fails, the budget is bisected (geometrically) between the accepted and the
   failed one. The result is the accepted round with the fewest bits; a round whose allocation would not
@@ -116,8 +116,8 @@ class SearchSession:
     def __init__(self, model=None, *, bitwidths=DEFAULT_BITWIDTHS, units="fused", estimator="linear",
                  group_size=128, symmetric=False, method="gptq", calib=None, calib_samples=32, seq_len=512,
                  sens_windows=8, sens_seq_len=None, verify_windows=16, verify_data=None, confirm_windows=None,
-                 probe_bits=None,
-                 orderings=2, fisher_draws=1, map_bits=(4, 5, 6, 7, 8), clip=True, attention=True, act_order=False, device="cpu",
+                 probe_bits=None, orderings=2, fisher_draws=1, map_bits=(4, 5, 6, 7, 8), clip=True, attention=True,
+                 act_order=False, device="cpu",
                  seed=0, workdir=None, progress=True, trust_remote_code=False, target_check=None):
         from .api import open_model
         from .models import check_finite, is_slq_checkpoint
@@ -135,6 +135,8 @@ class SearchSession:
             raise SlqError("--device cuda was asked for but CUDA is not available")
         if sens_windows < 1 or verify_windows < 1 or calib_samples < sens_windows:
             raise SlqError("need --verify-windows >= 1 and 1 <= --sens-windows <= --calib-samples")
+        if act_order and method != "gptq":
+            raise SlqError("--act-order orders GPTQ's columns: it needs --method gptq")
         confirm_windows = verify_windows if confirm_windows is None else int(confirm_windows)
         if confirm_windows < 0:
             raise SlqError(f"--confirm-windows must be >= 0 (0: no confirmation), got {confirm_windows}")
