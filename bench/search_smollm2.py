@@ -57,6 +57,7 @@ def main():
     ap.add_argument("--fisher-windows", type=int, default=16)
     ap.add_argument("--task-limit", type=int, default=100)
     ap.add_argument("--act-order", action="store_true", help="GPTQ bank with act-order (static groups)")
+    ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (fraction of the Hessian's mean diagonal)")
     ap.add_argument("--units", default="fused", help="fused (q/k/v and gate/up share bits) or linear")
     ap.add_argument("--max-rounds", type=int, default=5, help="verification rounds of the DL stage")
     ap.add_argument("--workdir", default=str(Path.home() / ".cache/slq/bench-search-smollm2"))
@@ -114,7 +115,7 @@ def main():
                       calib_samples=args.calib_samples, seq_len=512, sens_windows=args.sens_windows,
                       sens_seq_len=args.sens_seq_len, verify_windows=args.verify_windows,
                       verify_data=str(SHARED / "data/wikitext2/wiki.test.raw"), estimator=args.estimator,
-                      units=args.units, act_order=args.act_order, workdir=args.workdir, device=args.device, progress=sys.stderr.isatty())
+                      units=args.units, act_order=args.act_order, damp=args.damp, workdir=args.workdir, device=args.device, progress=sys.stderr.isatty())
     setup = {"wall_s": time.perf_counter() - t0, "timings": dict(s.timings)}
     print(f"session ready in {setup['wall_s']:.0f} s: {s.timings}", flush=True)
     stages = args.stages.split(",")

@@ -82,6 +82,23 @@ def test_act_order_flag_is_recorded_and_lowers_the_output_error(stories_dir, tmp
     assert not (tmp_path / "bad").exists()
 
 
+def test_damp_reaches_gptq(stories_dir, tmp_path):
+    """--damp is recorded and changes GPTQ's codes (a heavy damping pulls GPTQ towards round-to-nearest); a damping
+    outside (0, 1) is one error line and writes nothing."""
+    from safetensors import safe_open
+
+    codes = {}
+    for d in ("0.01", "0.5"):
+        out = tmp_path / f"d{d}"
+        assert _quantize3(stories_dir, out, 4, "--damp", d)["settings"]["damp"] == float(d)
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            codes[d] = {k: f.get_tensor(k) for k in f.keys() if k.endswith("weight_packed")}
+    assert any(not bool((codes["0.01"][k] == codes["0.5"][k]).all()) for k in codes["0.01"])
+    r = _slq("quantize", stories_dir, "--bits", "4", "--damp", "0", "--out", tmp_path / "bad")
+    assert r.exit_code == 1 and "--damp must be in (0, 1)" in r.output, r.output
+    assert not (tmp_path / "bad").exists()
+
+
 def test_rtn_needs_no_calibration(stories_dir, tmp_path):
     r = _slq("quantize", stories_dir, "--bits", "8", "--method", "rtn", "--sym", "--group-size", "channel",
              "--out", tmp_path / "r")

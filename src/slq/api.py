@@ -81,6 +81,7 @@ def quantize(
     clip: bool = True,
     attention: bool = True,
     act_order: bool = False,
+    damp: float = 0.01,
     device: str = "cpu",
     seed: int = 0,
     out: str | Path | None = None,
@@ -98,11 +99,13 @@ def quantize(
     for a text file, the windows after the calibration windows are used) and the numbers
     go into the report under ``fidelity``. ``attention=False`` gives keys and values plain ``X^T X``
     Hessians (see :mod:`slq.calib`); ``act_order`` runs GPTQ by decreasing Hessian diagonal with static
-    groups (see :mod:`slq.gptq`). Returns the report (also slq_report.json).
+    groups (see :mod:`slq.gptq`); ``damp`` is GPTQ's damping, a fraction of the Hessian's mean diagonal. Returns the report (also slq_report.json).
     """
     spec = QuantSpec(bits, group_size, symmetric)  # validates bits and group size
     if act_order and method != "gptq":
         raise SlqError("--act-order orders GPTQ's columns: it needs --method gptq")
+    if not 0 < damp < 1:
+        raise SlqError(f"--damp must be in (0, 1) (a fraction of the Hessian's mean diagonal), got {damp}")
     if out is not None and Path(out).exists() and not force:
         raise SlqError(f"output directory {out} exists; pass --force to replace it")
     if device == "cuda" and not torch.cuda.is_available():
@@ -121,11 +124,13 @@ def quantize(
                                       progress=progress)
     t_calib = time.perf_counter() - t
     res = quantize_model(m, spec, method=method, windows=windows, clip=clip, attention=attention,
-                         act_order=act_order, device=device, progress=progress)
+                         act_order=act_order, damp=damp, device=device, progress=progress)
     report = build_report(m, path, res.plan, spec, method=method, calib=calib, calib_samples=calib_samples,
                           seq_len=seq_len, clip=clip, seed=seed, device=device)
     report["settings"]["attention_hessians"] = attention and method == "gptq"
     report["settings"]["act_order"] = act_order and method == "gptq"
+    if method == "gptq":
+        report["settings"]["damp"] = damp
     report["timings"] = {"load_s": t_load, "calibration_data_s": t_calib, **res.timings}
     if eval:
         from .evaluate import evaluate

@@ -109,6 +109,7 @@ def quantize(
                                         help="GPTQ: plain X^T X Hessians for keys/values too (default: attention-aware)"),
     act_order: bool = typer.Option(False, "--act-order",
                                    help="GPTQ: columns by decreasing Hessian diagonal, static groups (torch loop)"),
+    damp: float = typer.Option(0.01, "--damp", help="GPTQ: damping added to the Hessian, a fraction of its mean diagonal"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(..., "--out", "-o", help="output checkpoint directory"),
@@ -137,7 +138,7 @@ def quantize(
 
             return run(model, bits=bb, group_size=_group(group_size), symmetric=sym, method=method, calib=calib,
                        calib_samples=calib_samples, seq_len=seq_len, clip=not no_clip, attention=not plain_hessians,
-                       act_order=act_order, device=device, seed=seed, out=out, force=force, progress=sys.stderr.isatty(), trust_remote_code=trust_remote_code,
+                       act_order=act_order, damp=damp, device=device, seed=seed, out=out, force=force, progress=sys.stderr.isatty(), trust_remote_code=trust_remote_code,
                        eval=do_eval, eval_data=eval_data, eval_tokens=eval_tokens)
         from .search import search
 
@@ -149,7 +150,7 @@ def quantize(
                       sens_seq_len=sens_seq_len, verify_windows=verify_windows, confirm_windows=confirm_windows,
                       probe_bits=None if probe_bits is None else _int_list(probe_bits, "--probe-bits"), orderings=orderings, max_rounds=max_rounds,
                       baselines=_int_list(baselines, "--baselines") if baselines else None, clip=not no_clip,
-                      attention=not plain_hessians, act_order=act_order, device=device, seed=seed, workdir=workdir, out=out, force=force,
+                      attention=not plain_hessians, act_order=act_order, damp=damp, device=device, seed=seed, workdir=workdir, out=out, force=force,
                       progress=sys.stderr.isatty(), trust_remote_code=trust_remote_code)
 
     report = _run(go)

@@ -117,7 +117,7 @@ class SearchSession:
                  group_size=128, symmetric=False, method="gptq", calib=None, calib_samples=32, seq_len=512,
                  sens_windows=8, sens_seq_len=None, verify_windows=16, verify_data=None, confirm_windows=None,
                  probe_bits=None, orderings=2, fisher_draws=1, map_bits=(4, 5, 6, 7, 8), clip=True, attention=True,
-                 act_order=False, device="cpu",
+                 act_order=False, damp=0.01, device="cpu",
                  seed=0, workdir=None, progress=True, trust_remote_code=False, target_check=None):
         from .api import open_model
         from .models import check_finite, is_slq_checkpoint
@@ -137,6 +137,8 @@ class SearchSession:
             raise SlqError("need --verify-windows >= 1 and 1 <= --sens-windows <= --calib-samples")
         if act_order and method != "gptq":
             raise SlqError("--act-order orders GPTQ's columns: it needs --method gptq")
+        if not 0 < damp < 1:
+            raise SlqError(f"--damp must be in (0, 1) (a fraction of the Hessian's mean diagonal), got {damp}")
         confirm_windows = verify_windows if confirm_windows is None else int(confirm_windows)
         if confirm_windows < 0:
             raise SlqError(f"--confirm-windows must be >= 0 (0: no confirmation), got {confirm_windows}")
@@ -150,7 +152,7 @@ class SearchSession:
         self.verify_windows_n, self.verify_data, self.probe_bits = verify_windows, verify_data, tuple(probe_bits)
         self.confirm_windows_n, self.confirm_note, self.ref_confirm = confirm_windows, None, None
         self.orderings, self.fisher_draws, self.clip, self.device, self.seed = orderings, fisher_draws, clip, device, seed
-        self.attention, self.act_order = attention, act_order
+        self.attention, self.act_order, self.damp = attention, act_order, float(damp)
         self.progress = progress
         torch.manual_seed(seed)
 
@@ -194,11 +196,12 @@ class SearchSession:
 
             workdir = cache_dir() / "work" / _cache_key(str(self.path), method, group_size, symmetric, self.quant_bits,
                                                         units, calib, calib_samples, seq_len, seed, clip,
-                                                        attention, BANK_VERSION, *(("act_order",) if act_order else ()))
+                                                        attention, BANK_VERSION, *(("act_order",) if act_order else ()),
+                                                        *((f"damp{damp:g}",) if damp != 0.01 else ()))
         self.workdir = Path(workdir)
         self.bank = build_bank(m, self.units, self.calib_w, self.workdir / "bank", bitwidths=self.quant_bits,
                                group_size=group_size, symmetric=symmetric, method=method, clip=clip, attention=attention,
-                               act_order=act_order, device=device, progress=progress)
+                               act_order=act_order, damp=self.damp, device=device, progress=progress)
         self.timings["bank_s"] = self.bank.timings["bank_s"]
         for k in ("hessian_gptq_s", "stats_pack_s", "save_s"):  # where the bank's time went (layers built now)
             if k in self.bank.timings:
@@ -479,7 +482,7 @@ class SearchSession:
             "confirm_windows": self.confirm_windows_n,
             "verify_data": self.verify_data or "calibration source, windows after the calibration ones",
             "probe_bits": list(self.probe_bits), "orderings": self.orderings, "fisher_draws": self.fisher_draws,
-            "attention_hessians": self.attention, "act_order": self.act_order, "workdir": str(self.workdir)})
+            "attention_hessians": self.attention, "act_order": self.act_order, "damp": self.damp, "workdir": str(self.workdir)})
         total, _ = allocation_bits(self.bank, alloc)
         other = _other_params(self.model, {m for u in self.units for m in u.members})
         n_other = sum(n for n, _ in other.values())
@@ -559,7 +562,7 @@ def search(
 
     ``session`` holds the :class:`SearchSession` settings (bitwidths, units, estimator, group_size,
     symmetric, method, calib, calib_samples, seq_len, sens_windows, sens_seq_len, verify_windows,
-    verify_data, confirm_windows, probe_bits, orderings, fisher_draws, clip, attention, act_order, device, seed,
+    verify_data, confirm_windows, probe_bits, orderings, fisher_draws, clip, attention, act_order, damp, device, seed,
     workdir, progress, trust_remote_code). Returns the report (also ``slq_report.json`` in ``out``).
     """
     if target not in TARGETS:
