@@ -54,6 +54,8 @@ def main():
                     help="keep the model and the search's work directory here (default: a temporary directory); a "
                          "rerun reuses the model and resumes the bank, e.g. after a device call's time limit")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False,
+                    help="GPTQ act-order in the bank (torch column loop; off by default)")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: CUDA is not available (use --device cpu --shape tiny for a smoke run)")
@@ -90,7 +92,7 @@ def main():
         args.calib, args.verify_data = calib, verify
         rep = search(f"{tmp}/model", target="dl", ear=0.99, estimator=args.estimator, calib=calib, verify_data=verify,
                      calib_samples=args.calib_samples, seq_len=args.seq_len, sens_windows=args.sens_windows,
-                     verify_windows=args.verify_windows, group_size=args.group_size, device=args.device,
+                     verify_windows=args.verify_windows, group_size=args.group_size, act_order=args.act_order, device=args.device,
                      workdir=f"{tmp}/work", out=None, frontier=False, progress=sys.stderr.isatty(), baselines=(), max_rounds=3)
         wall = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
@@ -100,7 +102,7 @@ def main():
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu {platform.machine()}",
         "versions": versions(), "git_commit": git_commit(REPO), "settings": vars(args),
         "model_build_s": make_s, "resumed": resumed, "search_wall_s": wall, "peak_gpu_memory_gib": peak,
-        "timings": rep["timings"], "bits_per_param": rep["bits_per_param"], "rounds": len(rep["rounds"]),
+        "act_order": rep["settings"]["act_order"], "timings": rep["timings"], "bits_per_param": rep["bits_per_param"], "rounds": len(rep["rounds"]),
         "goal": "DL search under 20 minutes on one H100",
         "goal_met": (wall < 1200) if args.shape == "llama3-8b" and not args.layers else None,
     }

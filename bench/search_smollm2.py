@@ -56,7 +56,8 @@ def main():
     ap.add_argument("--shapley-bits", default="4,6,8")
     ap.add_argument("--fisher-windows", type=int, default=16)
     ap.add_argument("--task-limit", type=int, default=100)
-    ap.add_argument("--act-order", action="store_true", help="GPTQ bank with act-order (static groups)")
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False,
+                    help="GPTQ bank with act-order (static groups; off by default)")
     ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (fraction of the Hessian's mean diagonal)")
     ap.add_argument("--units", default="fused", help="fused (q/k/v and gate/up share bits) or linear")
     ap.add_argument("--max-rounds", type=int, default=5, help="verification rounds of the DL stage")
@@ -210,7 +211,7 @@ def main():
                    f"cpu: {platform.machine()}, {torch.get_num_threads()} threads"),
         "versions": versions(),
         "git_commit": git_commit(REPO),
-        "settings": {**vars(args), "calib": "c4.utf8 (first windows x 512)",
+        "settings": {**vars(args), "act_order": s.act_order, "calib": "c4.utf8 (first windows x 512)",
                      "verify": f"wiki.test.raw first {args.verify_windows} x 512 tokens (held out: another source)",
                      "bank": "GPTQ asym, non-sequential Hessians (attention-aware for keys/values), clipping on", "bitwidths": list(s.bitwidths)},
         "setup": setup,
