@@ -55,7 +55,7 @@ def main():
                          "rerun reuses the model and resumes the bank, e.g. after a device call's time limit")
     ap.add_argument("--out", default=None)
     ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False,
-                    help="GPTQ act-order in the bank (torch column loop; off by default)")
+                    help="GPTQ act-order in the bank (off by default)")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: CUDA is not available (use --device cpu --shape tiny for a smoke run)")

@@ -170,8 +170,6 @@ def test_act_order_equals_its_definition(bits, G, K):
     # stacked bitwidths give each the codes of its own run, as without act-order
     many = gptq_quantize_many(W, fac, [QuantSpec(2, G, False), spec], act_order=True)
     assert (many[1].codes == got.codes).float().mean().item() > 0.999
-    with pytest.raises(ValueError, match="torch loop only"):
-        gptq_quantize_many(W, fac, [spec], act_order=True, kernel=True)
 
 
 def test_act_order_lowers_layer_output_error_on_real_activations(stories, tiny_windows):
@@ -199,7 +197,7 @@ import json, sys, torch
 from slq.gptq import factor, gptq_quantize_many
 from slq.spec import QuantSpec
 out = {}
-for name, (N, K, G, bits, sym, clip) in json.loads(sys.argv[1]).items():
+for name, (N, K, G, bits, sym, clip, *act) in json.loads(sys.argv[1]).items():
     gen = torch.Generator().manual_seed(len(name))
     X = torch.randn(4 * K, K, generator=gen) * torch.rand(K, generator=gen) * 3
     X[:, 3] = 0  # a dead input
@@ -208,8 +206,8 @@ for name, (N, K, G, bits, sym, clip) in json.loads(sys.argv[1]).items():
     W[0, ::16] = 7.5
     fac = factor(X.double().T @ X.double() / X.shape[0])
     specs = [QuantSpec(b, None if G < 0 else G, sym) for b in bits]
-    a = gptq_quantize_many(W, fac, specs, clip=clip, kernel=True)
-    b = gptq_quantize_many(W, fac, specs, clip=clip, kernel=False)
+    a = gptq_quantize_many(W, fac, specs, clip=clip, kernel=True, act_order=bool(act))
+    b = gptq_quantize_many(W, fac, specs, clip=clip, kernel=False, act_order=bool(act))
     out[name] = [[bool(torch.equal(x.codes, y.codes)), bool(torch.equal(x.scale, y.scale)),
                   bool(torch.equal(x.zero, y.zero)), int((x.codes != y.codes).sum())] for x, y in zip(a, b)]
 print("RESULT" + json.dumps(out))
@@ -221,12 +219,17 @@ KERNEL_CASES = {  # N, K, group (-1 per channel), bits, symmetric, clip
     "per-channel-ragged": (9, 76, -1, [4, 7], False, True),  # K = 76: the last sub-block has 12 columns
     "g128-two-blocks": (130, 256, 128, [6], False, True),  # more rows than one program
     "ties-min-max": (8, 64, 16, [4], False, False),  # row 0 meets exact ties: round half to even
+    # act-order: each column of a sub-block reads its own group's parameters (the 7th field turns it on)
+    "act-order-g32-many": (40, 96, 32, [3, 8], False, True, True),
+    "act-order-per-channel-ragged": (9, 76, -1, [4], False, True, True),
+    "act-order-g64-sym": (130, 256, 64, [5], True, True, True),
 }
 
 
 def test_triton_gptq_kernel_is_bit_identical_to_the_torch_loop():
     """The one-launch-per-sub-block kernel (run here by Triton's interpreter) gives the torch loop's codes,
-    scales and zero points bit for bit: every bitwidth stack, both grids, per-channel, a ragged last sub-block."""
+    scales and zero points bit for bit: every bitwidth stack, both grids, per-channel, a ragged last sub-block,
+    and act-order (columns permuted, so a sub-block mixes groups)."""
     pytest.importorskip("triton", reason="triton is not installed; the CPU check needs its interpreter")
     import json
     import os

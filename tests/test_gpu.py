@@ -61,20 +61,21 @@ def test_quantlinear_backends_match_reference(backend, bits):
             assert (out - ref).norm() / ref.norm() < 2e-3, (N, K, G, M)
 
 
-@pytest.mark.parametrize("G, bits, sym", [(128, [2, 3, 4, 5, 6, 7, 8], False), (64, [4], True), (None, [3, 8], False)])
-def test_gptq_kernel_on_cuda_is_bit_identical_to_the_torch_loop(G, bits, sym):
+@pytest.mark.parametrize("G, bits, sym, act", [(128, [2, 3, 4, 5, 6, 7, 8], False, False), (64, [4], True, False),
+                                               (None, [3, 8], False, False), (64, [7, 8], False, True)])
+def test_gptq_kernel_on_cuda_is_bit_identical_to_the_torch_loop(G, bits, sym, act):
     """On the GPU the default path is the one-launch-per-sub-block Triton kernel; the torch loop on the
-    same device is its oracle, code for code (an 8B-like width: 1024 rows x 1024 inputs)."""
+    same device is its oracle, code for code (an 8B-like width: 1024 rows x 1024 inputs), act-order too."""
     pytest.importorskip("triton")
     from slq.gptq import factor, gptq_quantize_many
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    X = torch.randn(2048, 1024, device="cuda", generator=gen)
+    X = torch.randn(2048, 1024, device="cuda", generator=gen) * torch.rand(1024, device="cuda", generator=gen)
     W = torch.randn(1024, 1024, device="cuda", generator=gen) * 0.02
     fac = factor(X.double().T @ X.double() / X.shape[0])
     specs = [QuantSpec(b, G, sym) for b in bits]
-    a = gptq_quantize_many(W, fac, specs)  # default: the kernel on CUDA
-    b = gptq_quantize_many(W, fac, specs, kernel=False)
+    a = gptq_quantize_many(W, fac, specs, act_order=act)  # default: the kernel on CUDA
+    b = gptq_quantize_many(W, fac, specs, kernel=False, act_order=act)
     for x, y in zip(a, b):
         assert torch.equal(x.scale, y.scale) and torch.equal(x.zero, y.zero)
         assert torch.equal(x.codes, y.codes), int((x.codes != y.codes).sum())

@@ -136,10 +136,12 @@ def gptq_quantize(
 
 @torch.no_grad()
 def _gptq_act_order(W: torch.Tensor, fac: Factor, specs: list[QuantSpec], clip: bool, block_size: int,
-                    maxq) -> list[QuantizedWeight]:
-    """GPTQ over the columns in order of decreasing diag(H), with static group parameters (torch loop).
+                    maxq, kernel: bool) -> list[QuantizedWeight]:
+    """GPTQ over the columns in order of decreasing diag(H), with static group parameters.
 
     ``W`` is already stacked (one copy per spec) with dead inputs zeroed; ``maxq`` is per row or an int.
+    The lazy updates are those of the plain order (sub-blocks of 16 columns inside blocks), and with
+    ``kernel`` each sub-block is one Triton launch that reads every column's own group parameters.
     """
     spec0 = specs[0]
     NR, K = W.shape
@@ -148,24 +150,37 @@ def _gptq_act_order(W: torch.Tensor, fac: Factor, specs: list[QuantSpec], clip: 
     scales, zeros = qparams(W, spec0, G, clip=clip, maxq=maxq)  # from the original weights, per group
     perm = torch.argsort(torch.diag(fac.H), descending=True, stable=True).to(W.device)
     H = fac.H[perm][:, perm]
-    U = factor(H, fac.damp).U.to(W.device)
+    U = factor(H, fac.damp).U.to(W.device).contiguous()
     group = perm // G  # the group of each column in the new order
     Wp = W[:, perm].clone()
     codes_p = torch.zeros(NR, K, dtype=torch.uint8, device=W.device)
+    inner = math.gcd(block_size, 16)
+    if kernel:
+        triton_gptq = _triton_gptq()
+        maxq_rows = (maxq[:, 0] if isinstance(maxq, torch.Tensor)
+                     else torch.full((NR,), float(maxq), device=W.device)).contiguous()
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
         W1 = Wp[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         s_blk, z_blk = scales[:, group[i1:i2]], zeros[:, group[i1:i2]]
-        for i in range(i2 - i1):
-            s, z = s_blk[:, i : i + 1], z_blk[:, i : i + 1]
-            w = W1[:, i : i + 1]
-            q = _codes(w.unsqueeze(1), s, z, maxq).reshape(NR, 1)
-            codes_p[:, i1 + i] = q[:, 0].to(torch.uint8)
-            err = (w - _dequant_grouped(q.unsqueeze(1), s, z).reshape(NR, 1)) / U1[i, i]
-            W1[:, i:] -= err @ U1[i : i + 1, i:]
-            Err1[:, i] = err[:, 0]
+        for j1 in range(0, i2 - i1, inner):
+            j2 = min(j1 + inner, i2 - i1)
+            if kernel:
+                triton_gptq.subblock(W1[:, j1:j2], U1[j1:j2, j1:j2], s_blk[:, j1:j2].contiguous(),
+                                     z_blk[:, j1:j2].contiguous(), maxq_rows, codes_p[:, i1 + j1 : i1 + j2],
+                                     Err1[:, j1:j2])
+            for i in range(j1, j2) if not kernel else ():
+                s, z = s_blk[:, i : i + 1], z_blk[:, i : i + 1]
+                w = W1[:, i : i + 1]
+                q = _codes(w.unsqueeze(1), s, z, maxq).reshape(NR, 1)
+                codes_p[:, i1 + i] = q[:, 0].to(torch.uint8)
+                err = (w - _dequant_grouped(q.unsqueeze(1), s, z).reshape(NR, 1)) / U1[i, i]
+                W1[:, i:j2] -= err @ U1[i : i + 1, i:j2]
+                Err1[:, i] = err[:, 0]
+            if j2 < i2 - i1:
+                W1[:, j2:] -= Err1[:, j1:j2] @ U1[j1:j2, j2:]
         Wp[:, i2:] -= Err1 @ U[i1:i2, i2:]
     codes = torch.empty_like(codes_p)
     codes[:, perm] = codes_p
@@ -188,7 +203,8 @@ def gptq_quantize_many(
 
     ``kernel``: run each sub-block of columns as one Triton launch (:mod:`slq.kernels.triton_gptq`,
     bit-identical to the torch loop); the default uses it on CUDA tensors when Triton is installed.
-    ``act_order``: columns by decreasing diag(H), static groups (module docstring); torch loop only.
+    ``act_order``: columns by decreasing diag(H), static groups (module docstring); the kernel then reads
+    each column's own group parameters.
     """
     if not specs:
         return []
@@ -204,10 +220,12 @@ def gptq_quantize_many(
     maxq = torch.tensor([s.maxq for s in specs], dtype=torch.float32, device=W.device).repeat_interleave(N)[:, None]
     if R == 1:
         maxq = spec0.maxq  # plain integer path
+    if kernel is None:  # importing Triton costs a second: only where the kernel could run
+        kernel = (W.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and _triton_gptq().usable(W)
+    if kernel and not _triton_gptq().usable(W):
+        raise ValueError("gptq_quantize_many(kernel=True) needs Triton and a CUDA tensor (or TRITON_INTERPRET=1)")
     if act_order:
-        if kernel:
-            raise ValueError("gptq_quantize_many: act_order runs the torch loop only (kernel=True was asked for)")
-        return _gptq_act_order(W, fac, specs, clip, block_size, maxq)
+        return _gptq_act_order(W, fac, specs, clip, block_size, maxq, bool(kernel))
     U = fac.U.to(W.device).contiguous()  # LAPACK hands back column-major factors; the kernel reads rows
     per_channel = G == K
     B = max(block_size, G) if not per_channel else block_size
@@ -222,13 +240,9 @@ def gptq_quantize_many(
     # block (the reads per column drop from the block's width to the sub-block's). Group starts are
     # sub-block starts, and every earlier error has been applied to the group's columns by then.
     inner = math.gcd(B, G if not per_channel else B, 16)
-    if kernel is None:  # importing Triton costs a second: only where the kernel could run
-        kernel = (W.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and _triton_gptq().usable(W)
     use_kernel = kernel
     if use_kernel:
         triton_gptq = _triton_gptq()
-        if not triton_gptq.usable(W):
-            raise ValueError("gptq_quantize_many(kernel=True) needs Triton and a CUDA tensor (or TRITON_INTERPRET=1)")
         maxq_rows = (maxq[:, 0] if isinstance(maxq, torch.Tensor)
                      else torch.full((NR,), float(maxq), device=W.device)).contiguous()
     for i1 in range(0, K, B):

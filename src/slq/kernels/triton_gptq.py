@@ -48,7 +48,7 @@ if triton is not None:
     @triton.jit
     def _gptq_subblock_kernel(w_ptr, stride_w, u_ptr, stride_u, s_ptr, stride_s, z_ptr, stride_z, m_ptr,
                               c_ptr, stride_c, e_ptr, stride_e, NR, width,
-                              S: tl.constexpr, BLOCK: tl.constexpr):
+                              S: tl.constexpr, BLOCK: tl.constexpr, PER_COL: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK + tl.arange(0, BLOCK)
         cols = tl.arange(0, S)
@@ -56,8 +56,12 @@ if triton is not None:
         cmask = cols < width
         m2 = rmask[:, None] & cmask[None, :]
         w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=m2, other=0.0)
-        s = tl.load(s_ptr + rows * stride_s, mask=rmask, other=1.0).to(tl.float32)
-        z = tl.load(z_ptr + rows * stride_z, mask=rmask, other=0).to(tl.float32)
+        if PER_COL:  # act-order: every column of the sub-block may belong to another group
+            s_all = tl.load(s_ptr + rows[:, None] * stride_s + cols[None, :], mask=m2, other=1.0).to(tl.float32)
+            z_all = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=m2, other=0).to(tl.float32)
+        else:
+            s = tl.load(s_ptr + rows * stride_s, mask=rmask, other=1.0).to(tl.float32)
+            z = tl.load(z_ptr + rows * stride_z, mask=rmask, other=0).to(tl.float32)
         mq = tl.load(m_ptr + rows, mask=rmask, other=0.0)
         diag = tl.load(u_ptr + cols * stride_u + cols, mask=cmask, other=1.0)
         q_all = tl.zeros([BLOCK, S], dtype=tl.float32)
@@ -65,6 +69,9 @@ if triton is not None:
         for c in tl.static_range(S):
             sel = cols == c
             x = tl.sum(tl.where(sel[None, :], w, 0.0), axis=1)
+            if PER_COL:
+                s = tl.sum(tl.where(sel[None, :], s_all, 0.0), axis=1)
+                z = tl.sum(tl.where(sel[None, :], z_all, 0.0), axis=1)
             t = tl.math.div_rn(x, s)
             r = (t + 12582912.0) - 12582912.0  # 1.5 * 2^23: round to the nearest integer, ties to even
             q = tl.minimum(tl.maximum(r + z, 0.0), mq)
@@ -83,17 +90,19 @@ def subblock(W1: torch.Tensor, U1: torch.Tensor, scale: torch.Tensor, zero: torc
              codes: torch.Tensor, err: torch.Tensor) -> None:
     """Quantize the columns of ``W1`` [NR, S] in order (GPTQ, errors fed forward inside the sub-block).
 
-    ``U1`` [S, S]: the sub-block of the upper Cholesky factor; ``scale`` / ``zero`` / ``maxq`` [NR]: the
-    group parameters and largest code of each row; writes ``codes`` [NR, S] (uint8) and ``err`` [NR, S]
+    ``U1`` [S, S]: the sub-block of the upper Cholesky factor; ``scale`` / ``zero`` [NR] and ``maxq`` [NR]: the
+    group parameters and largest code of each row, or ``scale`` / ``zero`` [NR, S]: each column's own group
+    parameters (act-order, where the columns of a sub-block come from different groups); writes ``codes`` [NR, S] (uint8) and ``err`` [NR, S]
     (the scaled errors ``(w - w_hat) / U[c, c]`` the caller spreads over later columns). Every tensor may
     be a strided view with unit stride along its last dimension.
     """
     NR, width = W1.shape
     S = max(1, triton.next_power_of_2(width))
-    for t in (W1, U1, codes, err):
+    per_col = scale.dim() == 2
+    for t in (W1, U1, codes, err) + ((scale, zero) if per_col else ()):
         assert t.stride(-1) == 1, "unit stride along columns"
     grid = (triton.cdiv(NR, BLOCK_R),)
     extra = {} if _interpreting() else {"enable_fp_fusion": False}
     _gptq_subblock_kernel[grid](W1, W1.stride(0), U1, U1.stride(0), scale, scale.stride(0), zero, zero.stride(0),
                                 maxq, codes, codes.stride(0), err, err.stride(0), NR, width,
-                                S=S, BLOCK=BLOCK_R, **extra)
+                                S=S, BLOCK=BLOCK_R, PER_COL=per_col, **extra)
