@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--task-limit", type=int, default=100)
     ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False,
                     help="GPTQ bank with act-order (static groups; off by default)")
+    ap.add_argument("--probe-bits", default=None, help="linear estimator: probe bitwidth(s), e.g. 7,8 (default 4)")
     ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (fraction of the Hessian's mean diagonal)")
     ap.add_argument("--units", default="fused", help="fused (q/k/v and gate/up share bits) or linear")
     ap.add_argument("--max-rounds", type=int, default=5, help="verification rounds of the DL stage")
@@ -116,7 +117,9 @@ def main():
                       calib_samples=args.calib_samples, seq_len=512, sens_windows=args.sens_windows,
                       sens_seq_len=args.sens_seq_len, verify_windows=args.verify_windows,
                       verify_data=str(SHARED / "data/wikitext2/wiki.test.raw"), estimator=args.estimator,
-                      units=args.units, act_order=args.act_order, damp=args.damp, workdir=args.workdir, device=args.device, progress=sys.stderr.isatty())
+                      units=args.units, act_order=args.act_order, damp=args.damp,
+                      probe_bits=tuple(int(b) for b in args.probe_bits.split(",")) if args.probe_bits else None,
+                      workdir=args.workdir, device=args.device, progress=sys.stderr.isatty())
     setup = {"wall_s": time.perf_counter() - t0, "timings": dict(s.timings)}
     print(f"session ready in {setup['wall_s']:.0f} s: {s.timings}", flush=True)
     stages = args.stages.split(",")
