@@ -13,17 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SLQ_SHARED", REPO.parent / "shared"))
-sys.path.insert(0, str(REPO / "src"))
+from _smol import REPO, measure, setup
 
 
 def refine(W, q, H, bits, G, sweeps, damp=0.01):
@@ -57,18 +52,11 @@ def main():
     args = ap.parse_args()
 
     from slq.api import git_commit, versions
-    from slq.data import windows_from_source
-    from slq.fidelity import CachedLogits, compare_windows
-    from slq.models import embedded_default_dir, load_model
     from slq.quantize import quantize_model
     from slq.report import write_json
     from slq.spec import QuantSpec
 
-    torch.manual_seed(0)
-    ref, tok = load_model(embedded_default_dir())
-    calib = windows_from_source(str(SHARED / "data/calib/c4.utf8"), ref, tok, n=args.calib, seq_len=512)
-    wiki = windows_from_source(str(SHARED / "data/wikitext2/wiki.test.raw"), ref, tok, n=args.windows, seq_len=512)
-    cache = CachedLogits().record(ref, wiki)
+    ref, _, calib, wiki, cache = setup(args.calib, args.windows)
     lins = {n: m for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n
             and not n.endswith(("k_proj", "v_proj"))}
     H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in lins.items()}
@@ -90,11 +78,8 @@ def main():
     lib = copy.deepcopy(ref)
     res = quantize_model(lib, spec, method="gptq", windows=calib, sequential=False, act_order=True, progress=False)
 
-    def measure(model):
-        d = compare_windows(cache, model, wiki, progress=False).to_dict()
-        return {"kl": d["kl"]["mean"], "ear": d["ear"]["mean"], "ear_ci95": d["ear"]["ci95"], "top1": d["top1"]}
 
-    rows = [{"sweeps": 0, **measure(lib), "objective_ratio": 1.0, "refine_s": 0.0}]
+    rows = [{"sweeps": 0, **measure(cache, lib, wiki), "objective_ratio": 1.0, "refine_s": 0.0}]
     print(f"GPTQ act-order: KL {rows[0]['kl']:.4e} EAR {rows[0]['ear']:.5f}", flush=True)
     for sweeps in (int(x) for x in args.sweeps.split(",")):
         cand = copy.deepcopy(lib)
@@ -105,7 +90,7 @@ def main():
                 Wq, b0, b1 = refine(lins[n].weight.data.float(), res.qweights[n], H[n], args.bits, G, sweeps)
                 m.weight.data.copy_(Wq)
                 before, after = before + b0, after + b1
-        rows.append({"sweeps": sweeps, **measure(cand), "objective_ratio": after / before,
+        rows.append({"sweeps": sweeps, **measure(cache, cand, wiki), "objective_ratio": after / before,
                      "refine_s": time.perf_counter() - t})
         print(f"{sweeps} sweep(s): objective {after / before:.4f}x, KL {rows[-1]['kl']:.4e} EAR {rows[-1]['ear']:.5f}",
               flush=True)

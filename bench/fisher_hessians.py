@@ -28,17 +28,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SLQ_SHARED", REPO.parent / "shared"))
-sys.path.insert(0, str(REPO / "src"))
+from _smol import REPO, measure, setup
 KV = ("k_proj", "v_proj")
 
 
@@ -51,19 +46,12 @@ def main():
     args = ap.parse_args()
 
     from slq.api import git_commit, versions
-    from slq.data import windows_from_source
-    from slq.fidelity import CachedLogits, compare_windows
     from slq.gptq import factor, gptq_quantize
-    from slq.models import embedded_default_dir, load_model
     from slq.quantize import quantize_model
     from slq.report import write_json
     from slq.spec import QuantSpec
 
-    torch.manual_seed(0)
-    ref, tok = load_model(embedded_default_dir())
-    calib = windows_from_source(str(SHARED / "data/calib/c4.utf8"), ref, tok, n=args.calib, seq_len=512)
-    wiki = windows_from_source(str(SHARED / "data/wikitext2/wiki.test.raw"), ref, tok, n=args.windows, seq_len=512)
-    cache = CachedLogits().record(ref, wiki)
+    ref, _, calib, wiki, cache = setup(args.calib, args.windows)
     head_dim = ref.config.hidden_size // ref.config.num_attention_heads
     lins = {n: m for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
 
@@ -122,9 +110,6 @@ def main():
         return torch.cat([gptq_quantize(W[b * r : (b + 1) * r], factor(Hf[name][b]), spec, act_order=True).dequantize()
                           for b in range(nb)])
 
-    def measure(model):
-        d = compare_windows(cache, model, wiki, progress=False).to_dict()
-        return {"kl": d["kl"]["mean"], "ear": d["ear"]["mean"], "ear_ci95": d["ear"]["ci95"], "top1": d["top1"]}
 
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):
@@ -139,7 +124,7 @@ def main():
             for n, m in cand.named_modules():
                 if n in lins and pick(n) is not None:
                     m.weight.data.copy_(quantized(n, lins[n].weight.data.float(), spec, pick(n)))
-            rows.append({"bits": bits, "arm": arm, **measure(cand)})
+            rows.append({"bits": bits, "arm": arm, **measure(cache, cand, wiki)})
             print(f"{bits}-bit {arm}: KL {rows[-1]['kl']:.4e} EAR {rows[-1]['ear']:.5f}", flush=True)
             del cand
     base = {r["bits"]: r["kl"] for r in rows if r["arm"] == "library"}

@@ -94,9 +94,10 @@ def test_damp_reaches_gptq(stories_dir, tmp_path):
         with safe_open(str(out / "model.safetensors"), "pt") as f:
             codes[d] = {k: f.get_tensor(k) for k in f.keys() if k.endswith("weight_packed")}
     assert any(not bool((codes["0.01"][k] == codes["0.5"][k]).all()) for k in codes["0.01"])
-    r = _slq("quantize", stories_dir, "--bits", "4", "--damp", "0", "--out", tmp_path / "bad")
-    assert r.exit_code == 1 and "--damp must be in (0, 1)" in r.output, r.output
-    assert not (tmp_path / "bad").exists()
+    for mode in (["--bits", "4"], ["--target", "dl"]):  # the uniform path and the search
+        r = _slq("quantize", stories_dir, *mode, "--damp", "0", "--out", tmp_path / "bad")
+        assert r.exit_code == 1 and "--damp must be in (0, 1)" in r.output, r.output
+        assert not (tmp_path / "bad").exists()
 
 
 def test_rtn_needs_no_calibration(stories_dir, tmp_path):
