@@ -4,7 +4,7 @@
 #   bash bench/gpu_run.sh env tests tiny probe2      # smoke: versions, GPU tests, search on CUDA
 #   bash bench/gpu_run.sh gptq                       # GPTQ kernel vs torch loop: GPU tests and bench/gptq_gpu.py
 #   bash bench/gpu_run.sh full                       # bench/search_8b_gpu.py on the Llama-3-8B shape (resumable;
-#                                                    # FULL_ARGS=--act-order passes options on)
+#                                                    # FULL_ARGS=--act-order passes options on, to probe* too)
 # Preparing the two carried folders here (both are git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl \
@@ -30,8 +30,9 @@ for step in "$@"; do
     tests) timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_decode.py \
              -k "cuda or gpu or backends" 2>&1 | tail -25;;
     tiny) timeout 120 python3 bench/search_8b_gpu.py --shape tiny --out "$OUT/search_tiny_cuda.json";;
-    probe2) timeout 240 python3 bench/search_8b_gpu.py --layers 2 --out "$OUT/search_8b_2layers.json";;
-    probe16) timeout 420 python3 bench/search_8b_gpu.py --layers 16 --out "$OUT/search_8b_16layers.json";;
+    probe2) timeout 240 python3 bench/search_8b_gpu.py --layers 2 --out "$OUT/search_8b_2layers.json" ${FULL_ARGS:-};;
+    probe4) timeout 360 python3 bench/search_8b_gpu.py --layers 4 --out "$OUT/search_8b_4layers.json" ${FULL_ARGS:-};;
+    probe16) timeout 420 python3 bench/search_8b_gpu.py --layers 16 --out "$OUT/search_8b_16layers.json" ${FULL_ARGS:-};;
     gptq) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k gptq 2>&1 | tail -8
           timeout 150 python3 bench/gptq_gpu.py --out "$OUT/gptq_gpu.json";;
     full) # resumable: the model and the bank stay in .work8b/ (git-ignored) while the machine is warm
