@@ -27,7 +27,8 @@ for step in "$@"; do
   case $step in
     env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
          python3 -c "import torch, triton, transformers, compressed_tensors, humming; print(torch.__version__, triton.__version__, transformers.__version__)";;
-    tests) timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_decode.py \
+    gptqtests) timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k gptq 2>&1 | tail -8;;
+    tests) timeout 400 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_decode.py \
              -k "cuda or gpu or backends" 2>&1 | tail -25;;
     tiny) timeout 120 python3 bench/search_8b_gpu.py --shape tiny --out "$OUT/search_tiny_cuda.json";;
     probe2) timeout 240 python3 bench/search_8b_gpu.py --layers 2 --out "$OUT/search_8b_2layers.json" ${FULL_ARGS:-};;

@@ -54,8 +54,8 @@ def main():
                     help="keep the model and the search's work directory here (default: a temporary directory); a "
                          "rerun reuses the model and resumes the bank, e.g. after a device call's time limit")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False,
-                    help="GPTQ act-order in the bank (off by default)")
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                    help="GPTQ act-order in the bank (on by default, as in the library)")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: CUDA is not available (use --device cpu --shape tiny for a smoke run)")

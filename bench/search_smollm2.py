@@ -56,8 +56,8 @@ def main():
     ap.add_argument("--shapley-bits", default="4,6,8")
     ap.add_argument("--fisher-windows", type=int, default=16)
     ap.add_argument("--task-limit", type=int, default=100)
-    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False,
-                    help="GPTQ bank with act-order (static groups; off by default)")
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                    help="GPTQ bank with act-order (static groups; on by default, as in the library)")
     ap.add_argument("--probe-bits", default=None, help="linear estimator: probe bitwidth(s), e.g. 7,8 (default 4)")
     ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (fraction of the Hessian's mean diagonal)")
     ap.add_argument("--units", default="fused", help="fused (q/k/v and gate/up share bits) or linear")

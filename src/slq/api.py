@@ -80,7 +80,7 @@ def quantize(
     seq_len: int = 512,
     clip: bool = True,
     attention: bool = True,
-    act_order: bool = False,
+    act_order: bool | None = None,
     damp: float = 0.01,
     device: str = "cpu",
     seed: int = 0,
@@ -99,11 +99,12 @@ def quantize(
     for a text file, the windows after the calibration windows are used) and the numbers
     go into the report under ``fidelity``. ``attention=False`` gives keys and values plain ``X^T X``
     Hessians (see :mod:`slq.calib`); ``act_order`` runs GPTQ by decreasing Hessian diagonal with static
-    groups (see :mod:`slq.gptq`); ``damp`` is GPTQ's damping, a fraction of the Hessian's mean diagonal. Returns the report (also slq_report.json).
+    groups (see :mod:`slq.gptq`; ``None``, the default, means on for GPTQ); ``damp`` is GPTQ's damping, a fraction of the Hessian's mean diagonal. Returns the report (also slq_report.json).
     """
     spec = QuantSpec(bits, group_size, symmetric)  # validates bits and group size
     if act_order and method != "gptq":
         raise SlqError("--act-order orders GPTQ's columns: it needs --method gptq")
+    act_order = method == "gptq" if act_order is None else bool(act_order)
     if not 0 < damp < 1:
         raise SlqError(f"--damp must be in (0, 1) (a fraction of the Hessian's mean diagonal), got {damp}")
     if out is not None and Path(out).exists() and not force:

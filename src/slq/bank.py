@@ -193,7 +193,7 @@ def build_bank(
     clip: bool = True,
     damp: float = 0.01,
     attention: bool = True,
-    act_order: bool = False,
+    act_order: bool = True,
     batch_size: int = 8,
     device: str = "cpu",
     progress: bool = True,
@@ -215,6 +215,7 @@ def build_bank(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     settings = _settings(units, bitwidths, group_size, symmetric, method, clip, damp, attention)
+    act_order = bool(act_order) and method == "gptq"
     if act_order:  # only when on, so the fingerprints of banks built before the option stay valid
         settings["act_order"] = True
     fp = fingerprint(model, windows, settings)

@@ -107,8 +107,9 @@ def quantize(
     no_clip: bool = typer.Option(False, "--no-clip", help="disable the MSE-optimal clipping search"),
     plain_hessians: bool = typer.Option(False, "--plain-hessians",
                                         help="GPTQ: plain X^T X Hessians for keys/values too (default: attention-aware)"),
-    act_order: bool = typer.Option(False, "--act-order",
-                                   help="GPTQ: columns by decreasing Hessian diagonal, static groups (torch loop)"),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order",
+                                             help="GPTQ: columns by decreasing Hessian diagonal, static groups "
+                                                  "(default: on for GPTQ)"),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ: damping added to the Hessian, a fraction of its mean diagonal"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     seed: int = typer.Option(0, "--seed"),

@@ -62,7 +62,7 @@ def quantize_model(
     clip: bool = True,
     damp: float = 0.01,
     attention: bool = True,
-    act_order: bool = False,
+    act_order: bool = True,
     sequential: bool = True,
     batch_size: int = 8,
     device: str = "cpu",

@@ -117,7 +117,7 @@ class SearchSession:
                  group_size=128, symmetric=False, method="gptq", calib=None, calib_samples=32, seq_len=512,
                  sens_windows=8, sens_seq_len=None, verify_windows=16, verify_data=None, confirm_windows=None,
                  probe_bits=None, orderings=2, fisher_draws=1, map_bits=(4, 5, 6, 7, 8), clip=True, attention=True,
-                 act_order=False, damp=0.01, device="cpu",
+                 act_order=None, damp=0.01, device="cpu",
                  seed=0, workdir=None, progress=True, trust_remote_code=False, target_check=None):
         from .api import open_model
         from .models import check_finite, is_slq_checkpoint
@@ -137,6 +137,7 @@ class SearchSession:
             raise SlqError("need --verify-windows >= 1 and 1 <= --sens-windows <= --calib-samples")
         if act_order and method != "gptq":
             raise SlqError("--act-order orders GPTQ's columns: it needs --method gptq")
+        act_order = method == "gptq" if act_order is None else bool(act_order)  # default: on for GPTQ
         if not 0 < damp < 1:
             raise SlqError(f"--damp must be in (0, 1) (a fraction of the Hessian's mean diagonal), got {damp}")
         confirm_windows = verify_windows if confirm_windows is None else int(confirm_windows)
