@@ -69,14 +69,21 @@ def test_plain_hessians_flag_changes_only_keys_and_values(stories_dir, tmp_path)
 
 
 def test_act_order_flag_is_recorded_and_lowers_the_output_error(stories_dir, tmp_path):
-    """--act-order reaches GPTQ (recorded in the report, different codes) and, summed over the model's
-    linears at 3 bits, gives no more layer-output error than plain GPTQ (the report's own metric)."""
+    """Act-order is GPTQ's default and --no-act-order turns it off (recorded in the report, different codes);
+    summed over the model's linears at 3 bits, act-order gives no more layer-output error than plain GPTQ (the
+    report's own metric). RTN runs without it by default, and asking for it with RTN is one error line."""
     errs = {}
-    for flag in ([], ["--act-order"]):
-        rep = _quantize3(stories_dir, tmp_path / ("act" if flag else "plain"), 8, *flag)
-        assert rep["settings"]["act_order"] is bool(flag)
-        errs[bool(flag)] = sum(lp["metrics"]["rel_output_error"] for lp in rep["plan"].values())
-    assert errs[True] != errs[False] and errs[True] <= errs[False] * 1.02, errs
+    for flag in (["--no-act-order"], [], ["--act-order"]):
+        rep = _quantize3(stories_dir, tmp_path / ("plain" if flag == ["--no-act-order"] else f"act{len(flag)}"), 8,
+                         *flag)
+        on = flag != ["--no-act-order"]
+        assert rep["settings"]["act_order"] is on
+        errs.setdefault(on, []).append(sum(lp["metrics"]["rel_output_error"] for lp in rep["plan"].values()))
+    assert errs[True][0] == errs[True][1], errs  # the default is --act-order
+    assert errs[True][0] != errs[False][0] and errs[True][0] <= errs[False][0] * 1.02, errs
+    r = _slq("quantize", stories_dir, "--bits", "8", "--method", "rtn", "--out", tmp_path / "rtn")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "rtn" / "slq_report.json").read_text())["settings"]["act_order"] is False
     r = _slq("quantize", stories_dir, "--bits", "8", "--method", "rtn", "--act-order", "--out", tmp_path / "bad")
     assert r.exit_code == 1 and "--act-order" in r.output and "needs --method gptq" in r.output, r.output
     assert not (tmp_path / "bad").exists()
