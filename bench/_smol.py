@@ -34,3 +34,21 @@ def measure(cache, model, wiki) -> dict:
 
     d = compare_windows(cache, model, wiki, progress=False).to_dict()
     return {"kl": d["kl"]["mean"], "ear": d["ear"]["mean"], "ear_ci95": d["ear"]["ci95"], "top1": d["top1"]}
+
+
+def save(out, benchmark: str, settings: dict, rows: list[dict]) -> None:
+    """Write the experiment's JSON (device, versions, git commit, settings, rows), each row with its KL
+    relative to the first row's."""
+    import platform
+
+    import torch
+
+    from slq.api import git_commit, versions
+    from slq.report import write_json
+
+    for r in rows:
+        r["kl_ratio"] = r["kl"] / rows[0]["kl"]
+    write_json(out, {
+        "benchmark": benchmark, "model": "SmolLM2-135M-Instruct (embedded, fp32)",
+        "device": f"cpu: {platform.machine()}, {torch.get_num_threads()} threads",
+        "versions": versions(), "git_commit": git_commit(REPO), "settings": settings, "rows": rows})

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import time
 
 import torch
 
-from _smol import REPO, measure, setup
+from _smol import REPO, measure, save, setup
 
 
 def refine(W, q, H, bits, G, sweeps, damp=0.01):
@@ -51,9 +50,7 @@ def main():
     ap.add_argument("--out", default=str(REPO / "bench/results/cd_refine.json"))
     args = ap.parse_args()
 
-    from slq.api import git_commit, versions
     from slq.quantize import quantize_model
-    from slq.report import write_json
     from slq.spec import QuantSpec
 
     ref, _, calib, wiki, cache = setup(args.calib, args.windows)
@@ -94,16 +91,9 @@ def main():
                      "refine_s": time.perf_counter() - t})
         print(f"{sweeps} sweep(s): objective {after / before:.4f}x, KL {rows[-1]['kl']:.4e} EAR {rows[-1]['ear']:.5f}",
               flush=True)
-    for r in rows:
-        r["kl_ratio"] = r["kl"] / rows[0]["kl"]
-    write_json(args.out, {
-        "benchmark": "cd_refine", "model": "SmolLM2-135M-Instruct (embedded, fp32)",
-        "device": f"cpu: {platform.machine()}, {torch.get_num_threads()} threads",
-        "versions": versions(), "git_commit": git_commit(REPO),
-        "settings": {**vars(args), "group_size": G, "symmetric": False, "sequential": False, "act_order": True,
-                     "refined": "all decoder linears but k_proj / v_proj", "calib_source": "c4.utf8",
-                     "data": "wiki.test.raw first windows x 512"},
-        "rows": rows})
+    save(args.out, "cd_refine", {**vars(args), "group_size": G, "symmetric": False, "sequential": False,
+                                 "act_order": True, "refined": "all decoder linears but k_proj / v_proj",
+                                 "calib_source": "c4.utf8", "data": "wiki.test.raw first windows x 512"}, rows)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 
 import torch
 
-from _smol import REPO, measure, setup
+from _smol import REPO, measure, save, setup
 
 STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
           ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
@@ -103,9 +102,7 @@ def main():
     ap.add_argument("--out", default=str(REPO / "bench/results/seq_refine.json"))
     args = ap.parse_args()
 
-    from slq.api import git_commit, versions
     from slq.quantize import quantize_model
-    from slq.report import write_json
     from slq.spec import QuantSpec
 
     src = json.load(open(args.alloc))
@@ -123,16 +120,9 @@ def main():
             m = seq_target(ref, specs, calib, act_order=True, correct=v == "seq_target")
         rows.append({"variant": v, **measure(cache, m, wiki), "quantize_s": time.perf_counter() - t})
         print(f"{v}: KL {rows[-1]['kl']:.4e} EAR {rows[-1]['ear']:.5f} ({rows[-1]['quantize_s']:.0f} s)", flush=True)
-    for r in rows:
-        r["kl_ratio"] = r["kl"] / rows[0]["kl"]
-    write_json(args.out, {
-        "benchmark": "seq_refine", "model": "SmolLM2-135M-Instruct (embedded, fp32)",
-        "device": f"cpu: {platform.machine()}, {torch.get_num_threads()} threads",
-        "versions": versions(), "git_commit": git_commit(REPO),
-        "settings": {**vars(args), "group_size": 64, "symmetric": False, "act_order": True,
-                     "allocation_bits_per_param": rnd["bits_per_param"], "calib_source": "c4.utf8",
-                     "data": "wiki.test.raw first windows x 512"},
-        "rows": rows})
+    save(args.out, "seq_refine", {**vars(args), "group_size": 64, "symmetric": False, "act_order": True,
+                                  "allocation_bits_per_param": rnd["bits_per_param"], "calib_source": "c4.utf8",
+                                  "data": "wiki.test.raw first windows x 512"}, rows)
 
 
 if __name__ == "__main__":
