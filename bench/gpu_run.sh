@@ -4,7 +4,7 @@
 #   bash bench/gpu_run.sh env tests tiny probe2      # smoke: versions, GPU tests, search on CUDA
 #   bash bench/gpu_run.sh gptq                       # GPTQ kernel vs torch loop: GPU tests and bench/gptq_gpu.py
 #   bash bench/gpu_run.sh full                       # bench/search_8b_gpu.py on the Llama-3-8B shape (resumable;
-#                                                    # FULL_ARGS=--act-order passes options on, to probe* too)
+#                                                    # FULL_ARGS=--no-act-order passes options on, to probe* too)
 # Preparing the two carried folders here (both are git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl \

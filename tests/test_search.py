@@ -421,6 +421,7 @@ def test_generated_calibration_and_verification_are_independent_draws(stories_di
                       verify_windows=3, group_size=GS, bitwidths=(8, 16), map_bits=(8,),
                       workdir=tmp_path / "w", progress=False)
     assert s.probe_bits == (8,)  # the default probe (4 bits) falls back to the candidate nearest to it
+    assert s.act_order is True  # GPTQ's default
     alone = generated_windows(s.model, s.tok, 4, 32, seed=0)
     assert torch.equal(s.calib_w, alone)
     assert s.verify_w.shape == (3, 32) and s.confirm_w.shape == (3, 32)  # the second sample: as many by default
@@ -455,3 +456,18 @@ def test_second_sample_is_skipped_with_a_note_when_the_text_is_too_short(stories
     with pytest.raises(SlqError, match="--confirm-windows must be >= 0"):
         SearchSession(str(stories_dir), calib=str(short), calib_samples=4, seq_len=64, sens_windows=2,
                       verify_windows=2, confirm_windows=-1, group_size=GS, workdir=tmp_path / "w2", progress=False)
+
+
+def test_act_order_default_follows_the_method(stories_dir, tmp_path):
+    """RTN has no column order: a session with it runs with act-order off by default and refuses act-order asked
+    for explicitly, in one line, before it writes a work directory."""
+    from slq.errors import SlqError
+    from slq.search import SearchSession
+
+    kw = dict(calib=str(need(TINY_TEXT)), calib_samples=4, seq_len=32, sens_windows=2, verify_windows=2,
+              group_size=GS, bitwidths=(8, 16), map_bits=(8,), method="rtn", progress=False)
+    s = SearchSession(str(stories_dir), workdir=tmp_path / "w", **kw)
+    assert s.act_order is False
+    with pytest.raises(SlqError, match="needs --method gptq"):
+        SearchSession(str(stories_dir), workdir=tmp_path / "w2", act_order=True, **kw)
+    assert not (tmp_path / "w2").exists()
