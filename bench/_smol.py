@@ -17,9 +17,9 @@ def setup(n_calib: int, n_windows: int):
     """(reference, tokenizer, calibration windows, WikiText-2 windows, cached reference logits)."""
     import torch
 
-    from slq.data import windows_from_source
-    from slq.fidelity import CachedLogits
-    from slq.models import embedded_default_dir, load_model
+    from slq.measure.data import windows_from_source
+    from slq.measure.fidelity import CachedLogits
+    from slq.models.sources import embedded_default_dir, load_model
 
     torch.manual_seed(0)
     ref, tok = load_model(embedded_default_dir())
@@ -30,7 +30,7 @@ def setup(n_calib: int, n_windows: int):
 
 def measure(cache, model, wiki) -> dict:
     """KL, EAR with its 95% interval and top-1 agreement of ``model`` against the cached reference."""
-    from slq.fidelity import compare_windows
+    from slq.measure.fidelity import compare_windows
 
     d = compare_windows(cache, model, wiki, progress=False).to_dict()
     return {"kl": d["kl"]["mean"], "ear": d["ear"]["mean"], "ear_ci95": d["ear"]["ci95"], "top1": d["top1"]}
@@ -43,8 +43,8 @@ def save(out, benchmark: str, settings: dict, rows: list[dict]) -> None:
 
     import torch
 
-    from slq.api import git_commit, versions
-    from slq.report import write_json
+    from slq.util.provenance import git_commit, versions
+    from slq.util.jsonio import write_json
 
     for r in rows:
         r["kl_ratio"] = r["kl"] / rows[0]["kl"]

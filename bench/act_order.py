@@ -34,13 +34,13 @@ def main():
     ap.add_argument("--out", default=str(REPO / "bench/results/act_order.json"))
     args = ap.parse_args()
 
-    from slq.api import git_commit, versions
-    from slq.data import windows_from_source
-    from slq.fidelity import CachedLogits, compare_windows
-    from slq.models import embedded_default_dir, load_model
-    from slq.quantize import quantize_model
-    from slq.report import write_json
-    from slq.spec import QuantSpec
+    from slq.util.provenance import git_commit, versions
+    from slq.measure.data import windows_from_source
+    from slq.measure.fidelity import CachedLogits, compare_windows
+    from slq.models.sources import embedded_default_dir, load_model
+    from slq.quant.pipeline import quantize_model
+    from slq.util.jsonio import write_json
+    from slq.quant.spec import QuantSpec
 
     ref, tok = load_model(embedded_default_dir())
     calib = windows_from_source(str(SHARED / "data/calib/c4.utf8"), ref, tok, n=args.calib, seq_len=512)

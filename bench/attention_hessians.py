@@ -35,13 +35,13 @@ def main():
     ap.add_argument("--out", default=str(REPO / "bench/results/attention_hessians.json"))
     args = ap.parse_args()
 
-    from slq.api import git_commit, versions
-    from slq.data import load_text, token_windows
-    from slq.fidelity import CachedLogits, compare_windows
-    from slq.models import embedded_default_dir, load_model
-    from slq.quantize import quantizable_linears, quantize_model
-    from slq.report import write_json
-    from slq.spec import QuantSpec
+    from slq.util.provenance import git_commit, versions
+    from slq.measure.data import load_text, token_windows
+    from slq.measure.fidelity import CachedLogits, compare_windows
+    from slq.models.sources import embedded_default_dir, load_model
+    from slq.quant.pipeline import quantizable_linears, quantize_model
+    from slq.util.jsonio import write_json
+    from slq.quant.spec import QuantSpec
 
     ref, tok = load_model(embedded_default_dir())
     test = token_windows(tok, load_text(str(SHARED / "data/wikitext2/wiki.test.raw")), 512, args.windows)

@@ -50,8 +50,8 @@ def main():
     ap.add_argument("--out", default=str(REPO / "bench/results/cd_refine.json"))
     args = ap.parse_args()
 
-    from slq.quantize import quantize_model
-    from slq.spec import QuantSpec
+    from slq.quant.pipeline import quantize_model
+    from slq.quant.spec import QuantSpec
 
     ref, _, calib, wiki, cache = setup(args.calib, args.windows)
     lins = {n: m for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n

@@ -23,8 +23,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 
 def main():
-    from slq.api import git_commit, versions
-    from slq.report import write_json
+    from slq.util.provenance import git_commit, versions
+    from slq.util.jsonio import write_json
 
     import tempfile
 

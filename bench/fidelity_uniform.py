@@ -61,14 +61,14 @@ def main():
     args = ap.parse_args()
     run_args = dict(vars(args))
 
-    from slq.api import git_commit, versions
-    from slq.data import load_text, token_windows
-    from slq.fidelity import CachedLogits, compare_windows, sample_continuations
-    from slq.models import embedded_default_dir, load_model
-    from slq.quantize import quantize_model
-    from slq.report import write_json
-    from slq.spec import QuantSpec
-    from slq.tasks import compare_tasks, load_task, score_task
+    from slq.util.provenance import git_commit, versions
+    from slq.measure.data import load_text, token_windows
+    from slq.measure.fidelity import CachedLogits, compare_windows, sample_continuations
+    from slq.models.sources import embedded_default_dir, load_model
+    from slq.quant.pipeline import quantize_model
+    from slq.util.jsonio import write_json
+    from slq.quant.spec import QuantSpec
+    from slq.measure.tasks import compare_tasks, load_task, score_task
 
     torch.manual_seed(0)
     dev = args.device

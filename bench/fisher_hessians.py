@@ -45,11 +45,11 @@ def main():
     ap.add_argument("--out", default=str(REPO / "bench/results/fisher_hessians.json"))
     args = ap.parse_args()
 
-    from slq.api import git_commit, versions
-    from slq.gptq import factor, gptq_quantize
-    from slq.quantize import quantize_model
-    from slq.report import write_json
-    from slq.spec import QuantSpec
+    from slq.util.provenance import git_commit, versions
+    from slq.quant.gptq import factor, gptq_quantize
+    from slq.quant.pipeline import quantize_model
+    from slq.util.jsonio import write_json
+    from slq.quant.spec import QuantSpec
 
     ref, _, calib, wiki, cache = setup(args.calib, args.windows)
     head_dim = ref.config.hidden_size // ref.config.num_attention_heads

@@ -34,10 +34,10 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: CUDA is not available (this benchmark times the GPU paths)")
-    from slq.api import git_commit, versions
-    from slq.gptq import factor, gptq_quantize_many
-    from slq.report import write_json
-    from slq.spec import QuantSpec
+    from slq.util.provenance import git_commit, versions
+    from slq.quant.gptq import factor, gptq_quantize_many
+    from slq.util.jsonio import write_json
+    from slq.quant.spec import QuantSpec
 
     specs = [QuantSpec(int(b), args.group_size) for b in args.bits.split(",")]
     shapes = {k: (n // 8, k_ // 8) if args.small else (n, k_) for k, (n, k_) in SHAPES_8B.items()}

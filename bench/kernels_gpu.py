@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from slq import benchmark  # noqa: E402
-from slq.kernels import triton_gemv as tg  # noqa: E402
+from slq.runtime.backends import triton_gemv as tg  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 LAYERS = 32
@@ -103,7 +103,7 @@ def main() -> None:
     hm = None
     if not args.no_humming:
         try:
-            from slq.kernels import humming as hm  # noqa: F811
+            from slq.runtime.backends import humming as hm  # noqa: F811
 
             import humming
 

@@ -43,8 +43,8 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
 
 
 def _setup(args):
-    from slq.data import load_text, token_windows
-    from slq.models import embedded_default_dir, load_model
+    from slq.measure.data import load_text, token_windows
+    from slq.models.sources import embedded_default_dir, load_model
 
     path = embedded_default_dir()
     model, tok = load_model(path)
@@ -54,9 +54,9 @@ def _setup(args):
 
 def run_one(args) -> dict:
     """One configuration, in this process."""
-    from slq.data import load_text, token_windows
-    from slq.quantize import quantize_model
-    from slq.spec import QuantSpec
+    from slq.measure.data import load_text, token_windows
+    from slq.quant.pipeline import quantize_model
+    from slq.quant.spec import QuantSpec
 
     torch.manual_seed(0)
     path, model, tok, ppl_windows = _setup(args)
@@ -104,7 +104,7 @@ def main():
         print(json.dumps(run_one(args)))
         return
 
-    from slq.api import git_commit, versions
+    from slq.util.provenance import git_commit, versions
 
     configs = [("reference", 0, False)]
     for method in args.methods.split(","):
@@ -147,7 +147,7 @@ def main():
         "note": "2-core machine shared with other jobs while this ran: wall times are noisy; cpu_s is steadier",
         "rows": rows,
     }
-    from slq.report import write_json
+    from slq.util.jsonio import write_json
 
     write_json(args.out, result)
     print(markdown_table(result))

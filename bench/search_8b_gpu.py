@@ -62,8 +62,8 @@ def main():
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from slq.api import git_commit, versions
-    from slq.search import search
+    from slq.util.provenance import git_commit, versions
+    from slq.search.session import search
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -108,7 +108,7 @@ def main():
     }
     name = f"search_8b_{result['device'].replace(' ', '_')}" + (f"_{args.layers}layers" if args.layers else "")
     out = args.out or str(REPO / "bench/results" / f"{name}.json")
-    from slq.report import write_json
+    from slq.util.jsonio import write_json
 
     write_json(out, result)
     print(json.dumps({k: result[k] for k in ("search_wall_s", "peak_gpu_memory_gib", "timings")}, indent=1))

@@ -70,10 +70,10 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
-    from slq.api import git_commit, versions
-    from slq.models import embedded_default_dir
-    from slq.search import SearchSession
-    from slq.sensitivity import EarMap, Prober, fisher_estimator, shapley_estimator
+    from slq.util.provenance import git_commit, versions
+    from slq.models.sources import embedded_default_dir
+    from slq.search.session import SearchSession
+    from slq.search.sensitivity import EarMap, Prober, fisher_estimator, shapley_estimator
 
     partial = Path(args.out).with_suffix(".partial.jsonl")
     done = {}
@@ -90,8 +90,8 @@ def main():
         print(f"[{stage}] done in {data.get('wall_s', 0):.0f} s", flush=True)
 
     if args.report_only:
-        from slq.models import load_model
-        from slq.units import build_units
+        from slq.models.sources import load_model
+        from slq.quant.units import build_units
 
         m, _ = load_model(embedded_default_dir())
         result = {
@@ -105,7 +105,7 @@ def main():
             "n_params_allocated": sum(u.n_params for u in build_units(m)),
             "stages": done,
         }
-        from slq.report import write_json
+        from slq.util.jsonio import write_json
 
         write_json(args.out, result)
         print(markdown(result))
@@ -221,7 +221,7 @@ def main():
         "n_params_allocated": s.n_params,
         "stages": {k: v for k, v in done.items()},
     }
-    from slq.report import write_json
+    from slq.util.jsonio import write_json
 
     write_json(args.out, result)
     print(markdown(result))

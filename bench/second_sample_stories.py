@@ -23,9 +23,9 @@ sys.path.insert(0, str(REPO / "src"))
 
 
 def main():
-    from slq.api import git_commit, versions
-    from slq.report import write_json
-    from slq.search import search
+    from slq.util.provenance import git_commit, versions
+    from slq.util.jsonio import write_json
+    from slq.search.session import search
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:

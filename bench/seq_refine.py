@@ -35,10 +35,10 @@ STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_a
 @torch.no_grad()
 def seq_target(ref, specs, calib, act_order, damp=0.01, correct=True):
     """A copy of ``ref`` quantized stage by stage, as the module docstring says."""
-    from slq.calib import capture_layer0_inputs, collect_hessians, decoder_layers, eager_attention, layer_linears
-    from slq.calib import run_layer
-    from slq.gptq import RowBlockHessians, factor, gptq_quantize, join_rows
-    from slq.grid import QuantizedWeight
+    from slq.quant.calib import capture_layer0_inputs, collect_hessians, decoder_layers, eager_attention, layer_linears
+    from slq.quant.calib import run_layer
+    from slq.quant.gptq import RowBlockHessians, factor, gptq_quantize, join_rows
+    from slq.quant.grid import QuantizedWeight
 
     qm = copy.deepcopy(ref)
     with eager_attention(ref), eager_attention(qm):
@@ -102,8 +102,8 @@ def main():
     ap.add_argument("--out", default=str(REPO / "bench/results/seq_refine.json"))
     args = ap.parse_args()
 
-    from slq.quantize import quantize_model
-    from slq.spec import QuantSpec
+    from slq.quant.pipeline import quantize_model
+    from slq.quant.spec import QuantSpec
 
     src = json.load(open(args.alloc))
     rnd = src["stages"]["dl"]["rounds"][args.round - 1]

@@ -40,7 +40,7 @@ def stories_dir() -> Path:
 @pytest.fixture
 def stories(stories_dir):
     """(model, tokenizer) of the real 293k-parameter Llama, fp32, fresh each test."""
-    from slq.models import load_model
+    from slq.models.sources import load_model
 
     return load_model(stories_dir)
 
@@ -50,7 +50,7 @@ def tiny_windows(stories_dir):
     """16 calibration windows of 128 tokens from TinyStories text."""
     from transformers import AutoTokenizer
 
-    from slq.data import load_text, token_windows
+    from slq.measure.data import load_text, token_windows
 
     tok = AutoTokenizer.from_pretrained(stories_dir)
     return token_windows(tok, load_text(str(need(TINY_TEXT))), 128, 16)

@@ -8,16 +8,15 @@ Public API::
     slq.quantize_model(model, spec, ...)  -> in-place, in-memory quantization (codes + plan)
 """
 
-__version__ = "0.1.0"
+from .util.provenance import __version__  # noqa: E402
 
-from .api import generate, info, quantize  # noqa: E402
-from .checkpoint import load  # noqa: E402
-from .errors import SlqError  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .fidelity import Fidelity  # noqa: E402
-from .modules import QuantLinear  # noqa: E402
-from .quantize import quantize_model  # noqa: E402
-from .spec import LayerPlan, Plan, QuantSpec  # noqa: E402
+from .api import evaluate, generate, info, quantize  # noqa: E402
+from .runtime.checkpoint import load  # noqa: E402
+from .util.errors import SlqError  # noqa: E402
+from .measure.fidelity import Fidelity  # noqa: E402
+from .runtime.qlinear import QuantLinear  # noqa: E402
+from .quant.pipeline import quantize_model  # noqa: E402
+from .quant.spec import LayerPlan, Plan, QuantSpec  # noqa: E402
 
 __all__ = [
     "Fidelity",

@@ -2,70 +2,20 @@
 
 from __future__ import annotations
 
-import platform
-import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from .checkpoint import load as load_checkpoint
-from .checkpoint import read_report, save_checkpoint
-from .data import GENERATED, windows_from_source
-from .errors import SlqError
-from .models import check_finite, is_slq_checkpoint, load_model, resolve_model
-from .quantize import quantize_model
-from .spec import Plan, QuantSpec, model_bits_per_param
-
-
-def versions() -> dict:
-    import compressed_tensors
-    import transformers
-
-    return {
-        "slq": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "compressed_tensors": compressed_tensors.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def git_commit(cwd: Path | None = None) -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd or Path(__file__).parent, timeout=5
-        ).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def open_model(source: str | None, *, device: str = "cpu", trust_remote_code: bool = False):
-    """(model, tokenizer, local_dir) for anything slq accepts: HF dir, GGUF, hub id,
-    an slq checkpoint, or None for the embedded default."""
-    path = resolve_model(source)
-    if is_slq_checkpoint(path):
-        from transformers import AutoTokenizer
-
-        model = load_checkpoint(path, device=device, trust_remote_code=trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return model, tok, path
-    model, tok = load_model(path, device=device, trust_remote_code=trust_remote_code)
-    return model, tok, path
-
-
-def _other_params(model, quantized: set[str]) -> dict[str, tuple[int, int]]:
-    """Unquantized tensors (tied ones once) -> (numel, bits at stored precision)."""
-    out, seen = {}, set()
-    for name, p in model.named_parameters(remove_duplicate=True):
-        mod = name.rsplit(".", 1)[0]
-        if mod in quantized or p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        out[name] = (p.numel(), p.element_size() * 8)
-    return out
+from .runtime.checkpoint import load as load_checkpoint
+from .runtime.checkpoint import open_model, read_report, save_checkpoint
+from .measure.data import GENERATED, windows_from_source
+from .measure.evaluate import evaluate as evaluate_models
+from .measure.fidelity import Fidelity
+from .util.errors import SlqError
+from .models.sources import check_finite, is_slq_checkpoint, load_model, resolve_model
+from .quant.pipeline import build_report, quantize_model
+from .quant.spec import Plan, QuantSpec, model_bits_per_param
 
 
 def quantize(
@@ -134,12 +84,10 @@ def quantize(
         report["settings"]["damp"] = damp
     report["timings"] = {"load_s": t_load, "calibration_data_s": t_calib, **res.timings}
     if eval:
-        from .evaluate import evaluate
-
         t = time.perf_counter()
         ref, _ = load_model(path, device=device, trust_remote_code=trust_remote_code)
         skip = calib_samples if (eval_data == calib and eval_data not in (None, GENERATED)) else 0
-        fid = evaluate((ref, tok), (m, tok), data=eval_data, tokens=eval_tokens, seq_len=seq_len,
+        fid = evaluate_models((ref, tok), (m, tok), data=eval_data, tokens=eval_tokens, seq_len=seq_len,
                        skip_windows=skip, device=device, seed=seed + 101, progress=progress)
         report["fidelity"] = fid.to_dict()
         report["timings"]["eval_s"] = time.perf_counter() - t
@@ -151,37 +99,33 @@ def quantize(
         report["timings"]["save_s"] = time.perf_counter() - t
         report["timings"]["total_s"] = time.perf_counter() - t0
         # the report again, with the save time in it (atomic replace of one small file)
-        from .report import write_json
+        from .util.jsonio import write_json
 
         write_json(Path(out) / "slq_report.json", report)
     return report
 
 
-def build_report(model, path: Path, plan: Plan, spec: QuantSpec, **settings) -> dict:
-    gammas = [lp.gamma_mean for lp in plan if lp.gamma_mean == lp.gamma_mean and lp.gamma_mean is not None]
-    gammas2 = [lp.gamma2_mean for lp in plan if lp.gamma2_mean == lp.gamma2_mean and lp.gamma2_mean is not None]
-    other = _other_params(model, set(plan.layers))
-    return {
-        "model": str(Path(path).resolve()),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(),
-        "git_commit": git_commit(),
-        "settings": {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric, **settings},
-        "bits_per_param": plan.bits_per_param(),
-        "bits_per_param_model": model_bits_per_param(plan, other),
-        "n_params_quantized": plan.n_params,
-        "n_params_other": sum(n for n, _ in other.values()),
-        "gamma": {
-            "mean": sum(gammas) / len(gammas) if gammas else None,
-            "mean_sq": sum(gammas2) / len(gammas2) if gammas2 else None,
-        },
-        "plan": plan.to_dict(),
-    }
+def evaluate(reference, candidate, *, device: str = "cpu", trust_remote_code: bool = False, **kwargs) -> Fidelity:
+    """Compare ``candidate`` to ``reference`` on the same tokens (see :func:`slq.measure.evaluate.evaluate`).
+
+    Each of ``reference``/``candidate`` is anything ``slq quantize`` accepts or writes (a path, hub id, None for
+    the embedded default) or an in-memory ``(model, tokenizer)`` pair.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SlqError("device 'cuda' was asked for but CUDA is not available")
+    pairs = []
+    for x in (reference, candidate):
+        if isinstance(x, tuple):
+            pairs.append(x)
+        else:
+            m, tok, _ = open_model(x, device=device, trust_remote_code=trust_remote_code)
+            pairs.append((m, tok))
+    return evaluate_models(*pairs, device=device, **kwargs)
 
 
 def info(path: str | Path) -> dict:
     """The report and plan of a checkpoint (validated through its config)."""
-    from .checkpoint import read_specs
+    from .runtime.checkpoint import read_specs
     import json
 
     p = Path(path)
@@ -212,8 +156,8 @@ def generate(source: str | None, prompt: str, *, max_new_tokens: int = 32, devic
     """
     import warnings
 
-    from .decode import SUPPORTED, supports
-    from .decode import generate as engine_generate
+    from .runtime.decode import SUPPORTED, supports
+    from .runtime.decode import generate as engine_generate
 
     if not prompt:
         raise SlqError("the prompt is empty")
@@ -242,4 +186,4 @@ def generate(source: str | None, prompt: str, *, max_new_tokens: int = 32, devic
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-__all__ = ["quantize", "info", "generate", "open_model", "GENERATED"]
+__all__ = ["quantize", "evaluate", "info", "generate", "open_model", "GENERATED"]

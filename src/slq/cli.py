@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import SlqError
+from .util.errors import SlqError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Statistically-lossless quantization of Hugging Face causal LLMs.")
@@ -141,7 +141,7 @@ def quantize(
                        calib_samples=calib_samples, seq_len=seq_len, clip=not no_clip, attention=not plain_hessians,
                        act_order=act_order, damp=damp, device=device, seed=seed, out=out, force=force, progress=sys.stderr.isatty(), trust_remote_code=trust_remote_code,
                        eval=do_eval, eval_data=eval_data, eval_tokens=eval_tokens)
-        from .search import search
+        from .search.session import search
 
         return search(model, target=target or "bits", ear=ear, recovery=recovery, bits=b,
                       tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
@@ -246,7 +246,7 @@ def eval_(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ):
     """Measure how lossless CANDIDATE is against REFERENCE: EAR, KL, top-1, PPL, tasks."""
-    from .evaluate import evaluate
+    from .api import evaluate
 
     def go():
         names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
@@ -259,7 +259,7 @@ def eval_(
     d = fid.to_dict()
     print_fidelity(d)
     if json_out is not None:
-        from .report import write_json
+        from .util.jsonio import write_json
 
         write_json(json_out, d)
         console.print(f"wrote {json_out}")
@@ -340,7 +340,7 @@ def bench(
     device: str = typer.Option("auto", "--device"),
 ):
     """Decode speed: per-layer GEMV/GEMM, the linear stack, end-to-end tokens/s, beside FP16 and the roofline."""
-    from .benchmark import run
+    from .runtime.bench import run
 
     res = _run(lambda: run(shape=shape, checkpoint=checkpoint, bits=bits,
                            plans=None if (plan or "").lower() == "none" else plan, backends=backends, batches=batch,

@@ -1,0 +1,94 @@
+"""How a model is quantized: one typed, frozen object, each default declared once and validated once.
+
+:class:`QuantConfig` holds every setting of the quantization pipeline (the grid, GPTQ's options and the
+calibration data). The CLI builds one from its flags; :func:`slq.quantize`, :func:`slq.quant.pipeline.quantize_model`
+and the search's bank take it whole. A bad value raises :class:`ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+from ..util.errors import ConfigError
+from .spec import ALLOWED_GROUP_SIZES, QuantSpec
+
+METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Settings of one quantization run.
+
+    :param bits: uniform bitwidth (2..8) for :func:`slq.quantize`; the search chooses per unit instead.
+    :param method: ``"gptq"`` (error feedback through the layer's Hessian) or ``"rtn"`` (round to nearest).
+    :param group_size: input columns sharing a scale and zero (16..256, a power of two), ``None`` per-channel.
+    :param symmetric: symmetric grid (no zero point); the default asymmetric grid has an integer zero.
+    :param clip: search the MSE-optimal clipping range per group.
+    :param attention: attention-aware Hessians for keys and values (GPTQ); ``False``: plain ``X^T X``.
+    :param act_order: GPTQ's columns by decreasing Hessian diagonal, static groups. ``None``: on for GPTQ.
+    :param damp: GPTQ's damping, a fraction of the Hessian's mean diagonal, in (0, 1).
+    :param calib: calibration source (text file, .jsonl, dataset id, ``"generated"``); ``None``: generated.
+    :param calib_samples: calibration windows.
+    :param seq_len: tokens per calibration window.
+    :param batch_size: windows per forward during calibration.
+    :param seed: seeds sampling and every random choice.
+    :param device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    """
+
+    bits: int = 4
+    method: str = "gptq"
+    group_size: int | None = 128
+    symmetric: bool = False
+    clip: bool = True
+    attention: bool = True
+    act_order: bool | None = None
+    damp: float = 0.01
+    calib: str | None = None
+    calib_samples: int = 128
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError("method", f"{{field}} must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.group_size not in ALLOWED_GROUP_SIZES:
+            raise ConfigError("group_size", "{field} must be 16, 32, 64, 128, 256 or per-channel (None), "
+                                            f"got {self.group_size!r}")
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
+            raise ConfigError("bits", f"{{field}} must be an integer in 2..8, got {self.bits!r}")
+        if self.act_order and self.method != "gptq":
+            raise ConfigError("act_order", "{field} orders GPTQ's columns: it needs method 'gptq'")
+        object.__setattr__(self, "act_order", self.method == "gptq" if self.act_order is None else bool(self.act_order))
+        if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and 0 < self.damp < 1):
+            raise ConfigError("damp", "{field} must be in (0, 1) (a fraction of the Hessian's mean diagonal), "
+                                      f"got {self.damp}")
+        object.__setattr__(self, "damp", float(self.damp))
+        for name, lo in (("calib_samples", 1), ("seq_len", 2), ("batch_size", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ConfigError(name, f"{{field}} must be an integer >= {lo}, got {v!r}")
+        d = self.device
+        if not isinstance(d, str) or not (d == "cpu" or d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit())):
+            raise ConfigError("device", f"{{field}} must be cpu, cuda or cuda:N, got {d!r}")
+        if d.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("device", f"{{field}} {d} was asked for but CUDA is not available")
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The uniform grid: ``bits``, ``group_size``, ``symmetric``."""
+        return QuantSpec(self.bits, self.group_size, self.symmetric)
+
+    def with_(self, **changes) -> "QuantConfig":
+        """A copy with ``changes`` (validated again; a new method re-derives the act-order default)."""
+        if "method" in changes and "act_order" not in changes:
+            changes["act_order"] = None
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

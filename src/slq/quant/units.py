@@ -1,0 +1,148 @@
+"""Allocation units: the linears that must share one bitwidth.
+
+Serving engines fuse some projections into one GEMM over a shared input, so they can
+only hold one bitwidth: q/k/v become one unit ``attn.qkv`` and gate/up one unit
+``mlp.gate_up``; ``o_proj`` (``attn.o``) and ``down_proj`` (``mlp.down``) stand alone.
+Phi-3 style checkpoints already store ``qkv_proj`` / ``gate_up_proj`` as single linears,
+which map onto the same kinds. A unit is named after its layer and kind, e.g.
+``model.layers.3.attn.qkv``.
+
+Modes: ``fused`` (default) for the families in :data:`FUSED_FAMILIES` (detected from
+``config.model_type``); ``linear`` makes every linear its own unit. An unknown family
+falls back to per-linear units with a warning. Per-linear units are named after their
+module and their ``kind`` is the module's path inside its layer (``self_attn.q_proj``).
+
+Sizes count weights only (biases stay in 16-bit and are not allocated): for a unit of
+``n`` weights sharing in_features ``K`` at ``bits`` with effective group ``G``::
+
+    storage bits = n * bits + (n / G) * (16 + zero_bits)     zero_bits = 0 if symmetric else bits
+    bits/param   = bits + (16 + zero_bits) / G                (QuantSpec.bits_per_param)
+
+``n / G`` is an integer because ``G`` divides ``K`` after :func:`slq.spec.resolve_group_size`;
+``bits = 16`` means "kept in 16-bit": exactly ``16 * n`` bits, no scales.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from torch import nn
+
+from .calib import decoder_layers
+from ..util.errors import SlqError
+from .pipeline import quantizable_linears
+from .spec import SCALE_BITS, QuantSpec, resolve_group_size
+
+MODES = ("fused", "linear")
+KEEP_BITS = 16  # the allocation value meaning "leave this unit unquantized"
+FUSED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3"})
+ROLES = {  # last name component -> fused kind
+    "q_proj": "attn.qkv", "k_proj": "attn.qkv", "v_proj": "attn.qkv", "qkv_proj": "attn.qkv",
+    "o_proj": "attn.o",
+    "gate_proj": "mlp.gate_up", "up_proj": "mlp.gate_up", "gate_up_proj": "mlp.gate_up",
+    "down_proj": "mlp.down",
+}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Linears that share one bitwidth: ``members`` are full module names in model order."""
+
+    name: str
+    layer: int
+    kind: str
+    members: tuple[str, ...]
+    n_params: int  # sum of N * K over members (weights only)
+    K: int  # in_features, shared by all members
+
+
+def _layer_prefix(model: nn.Module) -> str:
+    layers = decoder_layers(model)
+    return next(n for n, m in model.named_modules() if m is layers)
+
+
+def build_units(model: nn.Module, mode: str = "fused") -> list[Unit]:
+    """Allocation units of ``model`` in model order (order of each unit's first member)."""
+    if mode not in MODES:
+        raise SlqError(f"unknown unit mode {mode!r}; choose one of {', '.join(MODES)}")
+    linears = quantizable_linears(model)
+    prefix = _layer_prefix(model)
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if mode == "fused" and family not in FUSED_FAMILIES:
+        warnings.warn(
+            f"model family {family!r} has no known fused projections: allocating every linear on its "
+            f"own (known: {', '.join(sorted(FUSED_FAMILIES))})",
+            stacklevel=2,
+        )
+        mode = "linear"
+
+    groups: dict[tuple[int, str], list[str]] = {}  # (layer, kind) -> members, insertion = model order
+    for name in linears:
+        layer, rel = name[len(prefix) + 1:].split(".", 1)
+        kind = ROLES.get(rel.rsplit(".", 1)[-1]) if mode == "fused" else None
+        groups.setdefault((int(layer), kind or rel), []).append(name)
+
+    units = []
+    for (layer, kind), members in groups.items():
+        Ks = {linears[m].in_features for m in members}
+        if len(Ks) > 1:  # cannot be one GEMM: keep them apart rather than guess
+            warnings.warn(f"layer {layer} {kind}: members {members} differ in in_features {sorted(Ks)}; "
+                          "allocating them one by one", stacklevel=2)
+            units += [_unit(m, layer, m[len(f"{prefix}.{layer}."):], (m,), linears) for m in members]
+        elif kind in ROLES.values():
+            units.append(_unit(f"{prefix}.{layer}.{kind}", layer, kind, tuple(members), linears))
+        else:
+            units.append(_unit(members[0], layer, kind, tuple(members), linears))
+    return units
+
+
+def _unit(name: str, layer: int, kind: str, members: tuple[str, ...], linears: dict[str, nn.Linear]) -> Unit:
+    n = sum(linears[m].in_features * linears[m].out_features for m in members)
+    return Unit(name, layer, kind, members, n, linears[members[0]].in_features)
+
+
+def _spec(unit: Unit, bits: int, group_size: int | None, symmetric: bool) -> QuantSpec:
+    """The spec the unit is stored with, group size resolved for its K."""
+    return QuantSpec(bits, resolve_group_size(unit.K, group_size)[0], symmetric)
+
+
+def bits_per_param(unit: Unit, bits: int, group_size: int | None, symmetric: bool) -> float:
+    """Storage bits per weight of ``unit`` at ``bits`` (16 -> 16.0 exactly), scales included."""
+    if bits == KEEP_BITS:
+        return float(KEEP_BITS)
+    return _spec(unit, bits, group_size, symmetric).bits_per_param(unit.K)
+
+
+def storage_bits(unit: Unit, bits: int, group_size: int | None, symmetric: bool) -> int:
+    """Exact integer storage of ``unit`` at ``bits``: ``n_params * bits_per_param``.
+
+    This is the knapsack size :mod:`slq.allocate` expects.
+    """
+    if bits == KEEP_BITS:
+        return KEEP_BITS * unit.n_params
+    spec = _spec(unit, bits, group_size, symmetric)
+    zero_bits = 0 if symmetric else bits
+    return unit.n_params * bits + unit.n_params // spec.effective_group(unit.K) * (SCALE_BITS + zero_bits)
+
+
+def unit_specs(units: list[Unit], bits: dict[str, int], group_size: int | None,
+               symmetric: bool) -> dict[str, QuantSpec]:
+    """Expand a unit allocation (unit name -> bits) to module name -> :class:`QuantSpec`.
+
+    Units at 16 bits are kept unquantized and are *absent* from the result. The specs
+    carry the *requested* ``group_size``: :func:`slq.quantize.layer_spec` resolves it per
+    layer and records why (as :func:`bits_per_param` / :func:`storage_bits` assume).
+    """
+    names = {u.name for u in units}
+    missing, extra = names - set(bits), set(bits) - names
+    if missing or extra:
+        raise SlqError(f"allocation does not match the units: missing {sorted(missing)[:3]}, "
+                       f"unknown {sorted(extra)[:3]}")
+    out = {}
+    for u in units:
+        if bits[u.name] == KEEP_BITS:
+            continue
+        spec = QuantSpec(bits[u.name], group_size, symmetric)
+        out.update({m: spec for m in u.members})
+    return out

@@ -1,0 +1,166 @@
+"""What the search measures and aims at: one typed, frozen object that composes :class:`QuantConfig`.
+
+The CLI builds a :class:`SearchConfig` from its flags; :func:`slq.search.search`, the session and the
+targets read it. Each default is declared here once and validated once; a bad value raises
+:class:`ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from ..quant.config import QuantConfig
+from ..quant.units import KEEP_BITS
+from ..util.errors import ConfigError
+
+TARGETS = ("dl", "tl", "bits")
+UNIT_MODES = ("fused", "linear")
+DEFAULT_BITWIDTHS = (2, 3, 4, 5, 6, 7, 8, 16)
+DEFAULT_TASKS = ("piqa", "arc_easy", "hellaswag", "winogrande")
+
+
+def _ints(name: str, v) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in v)
+    except (TypeError, ValueError):
+        raise ConfigError(name, f"{{field}} must be a sequence of integers, got {v!r}") from None
+    if any(int(x) != x for x in v):
+        raise ConfigError(name, f"{{field}} must be integers, got {v!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Settings of one search.
+
+    :param quant: the quantization settings of the bank (grid, GPTQ, calibration). Its ``bits`` is unused.
+    :param target: ``"dl"`` (EAR lower bound >= ``ear``), ``"tl"`` (zero-shot recovery) or ``"bits"`` (a budget).
+    :param ear: DL target: the 95% lower bound of measured EAR to reach, in (0, 1).
+    :param recovery: TL target: zero-shot accuracy recovery, in (0, 1].
+    :param bits: ``bits`` target: average bits per parameter of the allocatable linears.
+    :param tasks: TL tasks; ``None``: piqa, arc_easy, hellaswag, winogrande.
+    :param task_limit: TL: first K items of each task (``None``: all).
+    :param task_dir: TL: folder of the task files (``None``: the shared data).
+    :param tolerance: TL: the largest accuracy change that still counts as lossless.
+    :param max_rounds: verification rounds at most.
+    :param bitwidths: candidate bitwidths per unit, 2..8, and 16 for "keep in 16-bit".
+    :param units: ``"fused"`` (linears a fused kernel shares get one bitwidth) or ``"linear"``.
+    :param estimator: sensitivity estimator, a name in :data:`slq.search.estimators.ESTIMATORS`.
+    :param sens_windows: calibration windows the sensitivities are measured on.
+    :param sens_seq_len: tokens per sensitivity window (``None``: ``quant.seq_len``).
+    :param verify_windows: held-out windows of the verification.
+    :param verify_data: another source for verification (``None``: the windows after the calibration ones).
+    :param confirm_windows: DL: a second held-out sample (``None``: as many as ``verify_windows``; 0: none).
+    :param probe_bits: linear estimator's probe bitwidths (``None``: 4, or the candidate nearest to it).
+    :param orderings: Shapley estimator: random orderings.
+    :param fisher_draws: Fisher estimator: sampled labels per token.
+    :param map_bits: uniform bitwidths measured to fit the KL -> EAR map.
+    :param baselines: uniform bitwidths measured for the report (``None``: the candidates >= 3).
+    :param frontier: compute the predicted frontier for the report.
+    :param workdir: bank and sensitivity cache (``None``: under the slq cache, keyed by the settings).
+    """
+
+    quant: QuantConfig = field(default_factory=lambda: QuantConfig(calib_samples=32))
+    target: str = "dl"
+    ear: float = 0.99
+    recovery: float = 0.99
+    bits: float | None = None
+    tasks: tuple[str, ...] | None = None
+    task_limit: int | None = 200
+    task_dir: str | None = None
+    tolerance: float = 0.01
+    max_rounds: int = 4
+    bitwidths: tuple[int, ...] = DEFAULT_BITWIDTHS
+    units: str = "fused"
+    estimator: str = "linear"
+    sens_windows: int = 8
+    sens_seq_len: int | None = None
+    verify_windows: int = 16
+    verify_data: str | None = None
+    confirm_windows: int | None = None
+    probe_bits: tuple[int, ...] | None = None
+    orderings: int = 2
+    fisher_draws: int = 1
+    map_bits: tuple[int, ...] = (4, 5, 6, 7, 8)
+    baselines: tuple[int, ...] | None = None
+    frontier: bool = True
+    workdir: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        from .estimators import ESTIMATORS  # the registry (search-internal)
+
+        if not isinstance(self.quant, QuantConfig):
+            raise ConfigError("quant", f"{{field}} must be a QuantConfig, got {type(self.quant).__name__}")
+        if self.target not in TARGETS:
+            raise ConfigError("target", f"unknown {{field}} {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.target == "bits":
+            if self.bits is None:
+                raise ConfigError("bits", "target 'bits' needs a bits-per-parameter budget ({field})")
+        if self.bits is not None and not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits)
+                                          and self.bits > 0):
+            raise ConfigError("bits", f"{{field}} must be a finite positive number, got {self.bits!r}")
+        if not (isinstance(self.ear, (int, float)) and 0 < self.ear < 1):
+            raise ConfigError("ear", f"{{field}} must be in (0, 1), got {self.ear}")
+        if not (isinstance(self.recovery, (int, float)) and 0 < self.recovery <= 1):
+            raise ConfigError("recovery", f"{{field}} must be in (0, 1], got {self.recovery}")
+        if not (isinstance(self.tolerance, (int, float)) and 0 <= self.tolerance < 1):
+            raise ConfigError("tolerance", f"{{field}} must be in [0, 1), got {self.tolerance}")
+        bw = tuple(sorted(set(_ints("bitwidths", self.bitwidths))))
+        quant_bits = tuple(b for b in bw if b != KEEP_BITS)
+        if not quant_bits or any(not 2 <= b <= 8 for b in quant_bits):
+            raise ConfigError("bitwidths", f"{{field}} must be values in 2..8 (and 16 for 'keep'), got {list(bw)}")
+        object.__setattr__(self, "bitwidths", bw)
+        if self.target == "tl" and 4 not in quant_bits:
+            raise ConfigError("bitwidths", "the task-lossless target calibrates at a uniform 4-bit anchor: "
+                                           "include 4 in {field}")
+        if self.units not in UNIT_MODES:
+            raise ConfigError("units", f"{{field}} must be one of {', '.join(UNIT_MODES)}, got {self.units!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError("estimator", f"unknown {{field}} {self.estimator!r}; choose one of "
+                                           f"{', '.join(ESTIMATORS)}")
+        for name, lo in (("max_rounds", 1), ("sens_windows", 1), ("verify_windows", 1), ("orderings", 1),
+                         ("fisher_draws", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ConfigError(name, f"{{field}} must be an integer >= {lo}, got {v!r}")
+        if self.sens_windows > self.quant.calib_samples:
+            raise ConfigError("sens_windows", f"{{field}} ({self.sens_windows}) must be <= the calibration windows "
+                                              f"({self.quant.calib_samples})")
+        if self.sens_seq_len is not None and not 2 <= self.sens_seq_len <= self.quant.seq_len:
+            raise ConfigError("sens_seq_len", f"{{field}} must be in 2..{self.quant.seq_len}, got {self.sens_seq_len}")
+        cw = self.verify_windows if self.confirm_windows is None else self.confirm_windows
+        if not isinstance(cw, int) or cw < 0:
+            raise ConfigError("confirm_windows", f"{{field}} must be >= 0 (0: no confirmation), got {cw!r}")
+        object.__setattr__(self, "confirm_windows", cw)
+        pb = self.probe_bits
+        pb = (min(quant_bits, key=lambda b: (abs(b - 4), b)),) if pb is None else _ints("probe_bits", pb)
+        bad = [b for b in pb if b not in quant_bits]
+        if bad:
+            raise ConfigError("probe_bits", f"probe bitwidth {bad[0]} ({{field}}) is not among the bitwidths")
+        object.__setattr__(self, "probe_bits", tuple(pb))
+        object.__setattr__(self, "map_bits", _ints("map_bits", self.map_bits))
+        if self.baselines is not None:
+            object.__setattr__(self, "baselines", _ints("baselines", self.baselines))
+        if self.tasks is not None:
+            object.__setattr__(self, "tasks", tuple(self.tasks))
+        if self.task_limit is not None and (not isinstance(self.task_limit, int) or self.task_limit < 1):
+            raise ConfigError("task_limit", f"{{field}} must be an integer >= 1, got {self.task_limit!r}")
+
+    @property
+    def quant_bits(self) -> tuple[int, ...]:
+        """The candidate bitwidths that quantize (16, "keep", left out)."""
+        return tuple(b for b in self.bitwidths if b != KEEP_BITS)
+
+    @property
+    def allow16(self) -> bool:
+        return KEEP_BITS in self.bitwidths
+
+    def with_(self, **changes) -> "SearchConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["workdir"] = None if self.workdir is None else str(self.workdir)
+        return d
