@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# Offline on CPU: the SLQ DL search on the embedded SmolLM2-135M-Instruct (GPTQ asym g64): calibration on
-# 16 x 256 tokens it samples itself, linear sensitivities on 8 x 128 of them, verification on 16 x 256
-# held-out sampled tokens (EAR 95% lower bound >= 0.99), uniform 4/6/8-bit baselines for the report.
+# Offline on CPU: the SLQ DL search on the embedded SmolLM2-135M-Instruct (GPTQ asym g64, bits 6/7/8/16):
+# calibration on 16 x 192 tokens it samples itself, Fisher sensitivities on 8 x 128 of them, verification on
+# 16 x 192 held-out sampled tokens and a second sample of 16 more (EAR 95% lower bound >= 0.99), a uniform
+# 8-bit baseline for the report. Wall time: bench/results/demo_timing/ (python bench/demo_timing.py).
 demo: install
 	$(BIN)/slq quantize --target dl --ear 0.99 --group-size 64 --bitwidths 6,7,8,16 --estimator fisher \
 		--calib-samples 16 --seq-len 192 --sens-windows 8 --sens-seq-len 128 --verify-windows 16 \
@@ -31,6 +32,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The README's CPU tables; each script writes bench/results/ (see bench/README.md).
 bench: install
 	$(BIN)/python bench/quantize_smollm2.py
 	$(BIN)/python bench/fidelity_uniform.py

@@ -7,9 +7,10 @@ those windows); zero-shot PIQA / ARC-Easy / HellaSwag / WinoGrande on the first 
 each, with paired tests. Also the gamma^2 law: KL(sym)/KL(asym) per bitwidth next to mean gamma^2, and
 the throughput of the streaming comparison against one reference forward over the same tokens.
 
-Resumable: each finished configuration is appended to ``<out>.partial.jsonl``; rerunning skips them. A row
-measured without the tasks that a rerun asks for (``--task-configs``/``--task-bits``) is re-quantized (the
-quantization is deterministic) and gets them.
+Resumable: each finished configuration is appended to ``<out>.partial.jsonl``; rerunning with the same ``--out``
+skips them. A row measured without the tasks that a rerun asks for (``--task-configs``/``--task-bits``) is
+re-quantized (the quantization is deterministic) and gets them. Without ``--out`` a new run is written to the
+next ``bench/results/fidelity_uniform/run-NN.json``.
 
     python bench/fidelity_uniform.py                       # full grid (hours on 2 CPU cores)
     python bench/fidelity_uniform.py --bits 8 --methods rtn --windows 2 --on-policy 2 --task-limit 5   # smoke
@@ -31,6 +32,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SLQ_SHARED", REPO.parent / "shared"))
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+from _results import next_run  # noqa: E402
 
 TASKS = ("piqa", "arc_easy", "hellaswag", "winogrande")
 
@@ -52,13 +55,15 @@ def main():
     ap.add_argument("--task-configs", default="gptq-asym",
                     help="method-grid pairs that also get the zero-shot tasks (CPU time): e.g. gptq-asym,rtn-asym; 'all'")
     ap.add_argument("--calib-samples", type=int, default=16)
-    ap.add_argument("--out", default=str(REPO / "bench/results/fidelity_uniform.json"))
+    ap.add_argument("--out", default=None, help="result JSON (default: the next bench/results/fidelity_uniform/"
+                                                "run-NN.json); pass an earlier run's file to resume it")
     ap.add_argument("--task-bits", default="", help="only these bitwidths get the tasks (default: all)")
     ap.add_argument("--merge", default="", help="comma list of other runs' .partial.jsonl files whose rows join this "
                                                 "result (a grid split over processes; same settings)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 everywhere; TF32 off)")
     ap.add_argument("--report-only", action="store_true", help="write the JSON/table/plot from the partial files")
     args = ap.parse_args()
+    args.out = args.out or str(next_run("fidelity_uniform"))
     run_args = dict(vars(args))
 
     from slq.util.provenance import git_commit, versions

@@ -2,7 +2,9 @@
 # What one device-tool call runs on the GPU machine (bare image, no network): install the wheels carried in
 # .whl/, point the tests at the carried copy of ../shared (.shared/), then run the named steps in order.
 #   bash bench/gpu_run.sh env tests tiny probe2      # smoke: versions, GPU tests, search on CUDA
-#   bash bench/gpu_run.sh gptq                       # GPTQ kernel vs torch loop: GPU tests and bench/gptq_gpu.py
+#   bash bench/gpu_run.sh gptq                       # GPTQ kernel vs torch loop: GPU tests and bench/experiments/gptq_gpu.py
+#   bash bench/gpu_run.sh decode                     # engine: compiled-step GPU tests, then bench/decode_e2e.py (eager vs
+#                                                    # compiled, FP16 vs int4, batch 1/16, CUDA graph nodes; DECODE_ARGS)
 #   bash bench/gpu_run.sh full                       # bench/search_8b_gpu.py on the Llama-3-8B shape (resumable;
 #                                                    # FULL_ARGS=--no-act-order passes options on, to probe* too)
 # Preparing the two carried folders here (both are git-ignored):
@@ -30,12 +32,17 @@ for step in "$@"; do
     gptqtests) timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k gptq 2>&1 | tail -8;;
     tests) timeout 400 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_decode.py \
              -k "cuda or gpu or backends" 2>&1 | tail -25;;
+    decode) timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/runtime/test_step_compile.py \
+              tests/runtime/test_decode.py -k "gpu or cuda or compile" 2>&1 | tail -8
+            timeout "${DECODE_TIMEOUT:-420}" python3 bench/decode_e2e.py --device cuda --out "$OUT/decode_e2e.json" \
+              ${DECODE_ARGS:---shape llama3-8b --batch 1,16 --bits 4 --new-tokens 32 --repeats 3} 2>&1 | grep -v Warn
+            echo "decode_e2e: exit ${PIPESTATUS[0]}";;
     tiny) timeout 120 python3 bench/search_8b_gpu.py --shape tiny --out "$OUT/search_tiny_cuda.json";;
     probe2) timeout 240 python3 bench/search_8b_gpu.py --layers 2 --out "$OUT/search_8b_2layers.json" ${FULL_ARGS:-};;
     probe4) timeout 360 python3 bench/search_8b_gpu.py --layers 4 --out "$OUT/search_8b_4layers.json" ${FULL_ARGS:-};;
     probe16) timeout 420 python3 bench/search_8b_gpu.py --layers 16 --out "$OUT/search_8b_16layers.json" ${FULL_ARGS:-};;
     gptq) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k gptq 2>&1 | tail -8
-          timeout 150 python3 bench/gptq_gpu.py --out "$OUT/gptq_gpu.json";;
+          timeout 150 python3 bench/experiments/gptq_gpu.py --out "$OUT/gptq_gpu.json";;
     full) # resumable: the model and the bank stay in .work8b/ (git-ignored) while the machine is warm
           ( while sleep 45; do echo "[watch $(date +%T)] bank files: $(ls .work8b/work/bank 2>/dev/null | wc -l)" \
               "gpu: $(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader | tr -d ' ')" \
@@ -48,11 +55,12 @@ for step in "$@"; do
           sha256sum $G  # b179c952... here
           export PYTHONPATH=$PYTHONPATH:$PWD/.dev/site SLQ_CACHE=$PWD/.dev/cache;;
     fidelity) # rows already in the landed result (with their tasks) are reused; the rest are measured here
-              [ -f .dev/fidelity_uniform_gpu.json ] || cp bench/results/fidelity_uniform_gpu.json .dev/
+              [ -f .dev/fidelity_uniform_gpu.json ] || cp bench/results/fidelity_uniform/run-04.json .dev/fidelity_uniform_gpu.json
               timeout "${FID_TIMEOUT:-540}" python3 bench/fidelity_uniform.py --device cuda --task-configs all \
                 --task-limit "${TASK_LIMIT:-1000}" --out .dev/fidelity_uniform_gpu.json 2>&1 | grep -v "it/s\]"
               cp .dev/fidelity_uniform_gpu.* "$OUT"/ 2>/dev/null; ls "$OUT";;
-    search) # the DL stage of bench/search_smollm2.py per calibration-window count in $CALIBS (bank on the GPU)
+    search) # the DL stage of bench/search_smollm2.py per calibration-window count in $CALIBS (bank on the GPU);
+            # the .dev names are scratch: land each file as the next bench/results/search_smollm2/run-NN.json
             for c in ${CALIBS:-128}; do
               timeout "${SEARCH_TIMEOUT:-540}" python3 bench/search_smollm2.py --device cuda --stages dl \
                 --calib-samples "$c" --workdir ".dev/search-c$c${SEARCH_TAG:-}" --out ".dev/search_smollm2_gpu_c$c${SEARCH_TAG:-}.json" \

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from slq import benchmark  # noqa: E402
+from slq.runtime import bench as benchmark  # noqa: E402  (time_graph)
 from slq.runtime.backends import triton_gemv as tg  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}

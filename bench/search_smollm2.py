@@ -72,8 +72,10 @@ def main():
 
     from slq.util.provenance import git_commit, versions
     from slq.models.sources import embedded_default_dir
+    from slq.search.config import SearchConfig
+    from slq.search.estimators import fisher_estimator, shapley_estimator
+    from slq.search.prober import EarMap, Prober
     from slq.search.session import SearchSession
-    from slq.search.sensitivity import EarMap, Prober, fisher_estimator, shapley_estimator
 
     partial = Path(args.out).with_suffix(".partial.jsonl")
     done = {}
@@ -113,13 +115,14 @@ def main():
         return
 
     t0 = time.perf_counter()
-    s = SearchSession(str(embedded_default_dir()), group_size=args.group_size, calib=str(SHARED / "data/calib/c4.utf8"),
-                      calib_samples=args.calib_samples, seq_len=512, sens_windows=args.sens_windows,
-                      sens_seq_len=args.sens_seq_len, verify_windows=args.verify_windows,
-                      verify_data=str(SHARED / "data/wikitext2/wiki.test.raw"), estimator=args.estimator,
-                      units=args.units, act_order=args.act_order, damp=args.damp,
-                      probe_bits=tuple(int(b) for b in args.probe_bits.split(",")) if args.probe_bits else None,
-                      workdir=args.workdir, device=args.device, progress=sys.stderr.isatty())
+    config = SearchConfig.from_settings(
+        group_size=args.group_size, calib=str(SHARED / "data/calib/c4.utf8"), calib_samples=args.calib_samples,
+        seq_len=512, sens_windows=args.sens_windows, sens_seq_len=args.sens_seq_len, verify_windows=args.verify_windows,
+        verify_data=str(SHARED / "data/wikitext2/wiki.test.raw"), estimator=args.estimator, units=args.units,
+        act_order=args.act_order, damp=args.damp,
+        probe_bits=tuple(int(b) for b in args.probe_bits.split(",")) if args.probe_bits else None,
+        workdir=args.workdir, device=args.device)
+    s = SearchSession(str(embedded_default_dir()), config, progress=sys.stderr.isatty())
     setup = {"wall_s": time.perf_counter() - t0, "timings": dict(s.timings)}
     print(f"session ready in {setup['wall_s']:.0f} s: {s.timings}", flush=True)
     stages = args.stages.split(",")

@@ -85,7 +85,7 @@ def test_act_order_flag_is_recorded_and_lowers_the_output_error(stories_dir, tmp
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "rtn" / "slq_report.json").read_text())["settings"]["act_order"] is False
     r = _slq("quantize", stories_dir, "--bits", "8", "--method", "rtn", "--act-order", "--out", tmp_path / "bad")
-    assert r.exit_code == 1 and "--act-order" in r.output and "needs --method gptq" in r.output, r.output
+    assert r.exit_code == 1 and "--act-order orders GPTQ's columns: it needs method 'gptq'" in r.output, r.output
     assert not (tmp_path / "bad").exists()
 
 
@@ -121,7 +121,7 @@ def test_rtn_needs_no_calibration(stories_dir, tmp_path):
         (["--bits", "9"], "bits must be an integer in 2..8"),
         (["--bits", "1"], "bits must be an integer in 2..8"),
         (["--group-size", "100"], "--group-size must be"),
-        (["--method", "awq"], "unknown method"),
+        (["--method", "awq"], "--method must be one of rtn, gptq"),
         (["--calib", "/nonexistent/calib.txt"], "not found"),
         (["--device", "tpu"], "--device must be"),
     ],

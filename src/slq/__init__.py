@@ -2,29 +2,37 @@
 
 Public API::
 
-    slq.quantize(model, bits=4, ...)      -> report dict; writes a compressed-tensors checkpoint
-    slq.load(dir)                         -> model whose linears are QuantLinear
-    slq.evaluate(reference, candidate)    -> Fidelity (EAR, KL, top-1, PPL, on-policy, tasks)
-    slq.quantize_model(model, spec, ...)  -> in-place, in-memory quantization (codes + plan)
+    slq.quantize(model, config=QuantConfig(...))   -> report dict; writes a compressed-tensors checkpoint
+    slq.search.search(model, config=SearchConfig(...)) -> report dict; the per-unit SLQ search
+    slq.load(dir)                                  -> model whose linears are QuantLinear
+    slq.evaluate(reference, candidate)             -> Fidelity (EAR, KL, top-1, PPL, on-policy, tasks)
+    slq.quantize_model(model, config, ...)         -> in-place, in-memory quantization (codes + plan)
+
+The keyword settings (``slq.quantize(model, bits=4, group_size=128, ...)``) build the same configs.
 """
 
-from .util.provenance import __version__  # noqa: E402
-
-from .api import evaluate, generate, info, quantize  # noqa: E402
-from .runtime.checkpoint import load  # noqa: E402
-from .util.errors import SlqError  # noqa: E402
-from .measure.fidelity import Fidelity  # noqa: E402
-from .runtime.qlinear import QuantLinear  # noqa: E402
-from .quant.pipeline import quantize_model  # noqa: E402
-from .quant.spec import LayerPlan, Plan, QuantSpec  # noqa: E402
+from .api import evaluate, generate, info, quantize
+from .measure.fidelity import Fidelity
+from .quant.config import QuantConfig
+from .quant.pipeline import quantize_model
+from .quant.spec import LayerPlan, Plan, QuantSpec
+from .runtime.checkpoint import load
+from .runtime.qlinear import QuantLinear
+from .search.config import SearchConfig
+from .util.errors import ConfigError, SlqError
+from .util.provenance import __version__
 
 __all__ = [
+    "ConfigError",
     "Fidelity",
     "LayerPlan",
     "Plan",
+    "QuantConfig",
     "QuantLinear",
     "QuantSpec",
+    "SearchConfig",
     "SlqError",
+    "__version__",
     "evaluate",
     "generate",
     "info",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -12,28 +13,17 @@ from .runtime.checkpoint import open_model, read_report, save_checkpoint
 from .measure.data import GENERATED, windows_from_source
 from .measure.evaluate import evaluate as evaluate_models
 from .measure.fidelity import Fidelity
-from .util.errors import SlqError
+from .util.errors import ConfigError, SlqError
 from .models.sources import check_finite, is_slq_checkpoint, load_model, resolve_model
+from .quant.config import QuantConfig
 from .quant.pipeline import build_report, quantize_model
-from .quant.spec import Plan, QuantSpec, model_bits_per_param
+from .quant.spec import Plan, model_bits_per_param
 
 
 def quantize(
     model: str | None = None,
     *,
-    bits: int = 4,
-    group_size: int | None = 128,
-    symmetric: bool = False,
-    method: str = "gptq",
-    calib: str | None = None,
-    calib_samples: int = 128,
-    seq_len: int = 512,
-    clip: bool = True,
-    attention: bool = True,
-    act_order: bool | None = None,
-    damp: float = 0.01,
-    device: str = "cpu",
-    seed: int = 0,
+    config: QuantConfig | None = None,
     out: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
@@ -41,68 +31,79 @@ def quantize(
     eval: bool = False,
     eval_data: str | None = GENERATED,
     eval_tokens: int = 8 * 512,
+    **settings,
 ) -> dict:
-    """Quantize every decoder linear to ``bits`` and (if ``out``) write the checkpoint.
+    """Quantize every decoder linear to ``config.bits`` and (if ``out``) write the checkpoint.
 
-    With ``eval`` the quantized model is measured against the reference on ``eval_tokens``
-    tokens of ``eval_data`` (held out: generated data uses another seed than calibration;
-    for a text file, the windows after the calibration windows are used) and the numbers
-    go into the report under ``fidelity``. ``attention=False`` gives keys and values plain ``X^T X``
-    Hessians (see :mod:`slq.calib`); ``act_order`` runs GPTQ by decreasing Hessian diagonal with static
-    groups (see :mod:`slq.gptq`; ``None``, the default, means on for GPTQ); ``damp`` is GPTQ's damping, a fraction of the Hessian's mean diagonal. Returns the report (also slq_report.json).
+    ``config`` (:class:`slq.quant.config.QuantConfig`) holds every quantization setting. The settings
+    may instead be given as keywords (``bits``, ``group_size``, ``symmetric``, ``method``, ``calib``,
+    ``calib_samples``, ``seq_len``, ``clip``, ``attention``, ``act_order``, ``damp``, ``batch_size``,
+    ``device``, ``seed``), which build the config; not both. With ``eval`` the quantized model is measured
+    against the reference on ``eval_tokens`` tokens of ``eval_data`` (held out: generated data uses another
+    seed than calibration; for a text file, the windows after the calibration windows are used) and the
+    numbers go into the report under ``fidelity``. Returns the report (also slq_report.json); its
+    ``settings`` are the config's fields.
     """
-    spec = QuantSpec(bits, group_size, symmetric)  # validates bits and group size
-    if act_order and method != "gptq":
-        raise SlqError("--act-order orders GPTQ's columns: it needs --method gptq")
-    act_order = method == "gptq" if act_order is None else bool(act_order)
-    if not 0 < damp < 1:
-        raise SlqError(f"--damp must be in (0, 1) (a fraction of the Hessian's mean diagonal), got {damp}")
+    config = _quant_config(config, settings)
     if out is not None and Path(out).exists() and not force:
-        raise SlqError(f"output directory {out} exists; pass --force to replace it")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SlqError("--device cuda was asked for but CUDA is not available")
+        raise ConfigError("force", f"output directory {_literal(out)} exists; set {{field}} to replace it")
+    c = config
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    m, tok, path = open_model(model, device=device, trust_remote_code=trust_remote_code)
+    torch.manual_seed(c.seed)
+    m, tok, path = open_model(model, device=c.device, trust_remote_code=trust_remote_code)
     if is_slq_checkpoint(path):
         raise SlqError(f"{path} is already a quantized checkpoint; quantize the reference model instead")
     check_finite(m)
     t_load = time.perf_counter() - t0
     windows = None
     t = time.perf_counter()
-    if method == "gptq":
-        windows = windows_from_source(calib, m, tok, n=calib_samples, seq_len=seq_len, seed=seed, device=device,
-                                      progress=progress)
+    if c.method == "gptq":
+        windows = windows_from_source(c.calib, m, tok, n=c.calib_samples, seq_len=c.seq_len, seed=c.seed,
+                                      device=c.device, progress=progress)
     t_calib = time.perf_counter() - t
-    res = quantize_model(m, spec, method=method, windows=windows, clip=clip, attention=attention,
-                         act_order=act_order, damp=damp, device=device, progress=progress)
-    report = build_report(m, path, res.plan, spec, method=method, calib=calib, calib_samples=calib_samples,
-                          seq_len=seq_len, clip=clip, seed=seed, device=device)
-    report["settings"]["attention_hessians"] = attention and method == "gptq"
-    report["settings"]["act_order"] = act_order and method == "gptq"
-    if method == "gptq":
-        report["settings"]["damp"] = damp
+    res = quantize_model(m, c, windows=windows, progress=progress)
+    report = build_report(m, path, res.plan, c.spec, **_report_settings(c))
     report["timings"] = {"load_s": t_load, "calibration_data_s": t_calib, **res.timings}
     if eval:
         t = time.perf_counter()
-        ref, _ = load_model(path, device=device, trust_remote_code=trust_remote_code)
-        skip = calib_samples if (eval_data == calib and eval_data not in (None, GENERATED)) else 0
-        fid = evaluate_models((ref, tok), (m, tok), data=eval_data, tokens=eval_tokens, seq_len=seq_len,
-                       skip_windows=skip, device=device, seed=seed + 101, progress=progress)
+        ref, _ = load_model(path, device=c.device, trust_remote_code=trust_remote_code)
+        skip = c.calib_samples if (eval_data == c.calib and eval_data not in (None, GENERATED)) else 0
+        fid = evaluate_models((ref, tok), (m, tok), data=eval_data, tokens=eval_tokens, seq_len=c.seq_len,
+                              skip_windows=skip, device=c.device, seed=c.seed + 101, progress=progress)
         report["fidelity"] = fid.to_dict()
         report["timings"]["eval_s"] = time.perf_counter() - t
         del ref
     if out is not None:
-        t = time.perf_counter()
         m.cpu()
-        save_checkpoint(out, m, tok, res.qweights, report, force=force)
-        report["timings"]["save_s"] = time.perf_counter() - t
-        report["timings"]["total_s"] = time.perf_counter() - t0
-        # the report again, with the save time in it (atomic replace of one small file)
-        from .util.jsonio import write_json
-
-        write_json(Path(out) / "slq_report.json", report)
+        # the report goes in with save_s and total_s, inside the same atomic write
+        save_checkpoint(out, m, tok, res.qweights, report, force=force, started=t0)
     return report
+
+
+def _quant_config(config: QuantConfig | None, settings: dict) -> QuantConfig:
+    """``config``, or one built from keyword settings (the older call form of :func:`quantize`)."""
+    if config is not None:
+        if settings:
+            raise SlqError(f"give either config or keyword settings, not both (got {', '.join(sorted(settings))})")
+        if not isinstance(config, QuantConfig):
+            raise SlqError(f"config must be a QuantConfig, got {type(config).__name__}")
+        return config
+    unknown = sorted(set(settings) - {f.name for f in fields(QuantConfig)})
+    if unknown:
+        raise SlqError(f"unknown quantization setting(s): {', '.join(unknown)}")
+    return QuantConfig(**settings)
+
+
+def _report_settings(config: QuantConfig) -> dict:
+    """The report's ``settings``: the config's fields, with ``attention`` recorded as what GPTQ used."""
+    s = config.to_dict()
+    s["attention_hessians"] = s.pop("attention") and config.method == "gptq"
+    return s
+
+
+def _literal(x) -> str:
+    """``x`` as text inside a :class:`ConfigError` template (braces escaped)."""
+    return str(x).replace("{", "{{").replace("}", "}}")
 
 
 def evaluate(reference, candidate, *, device: str = "cpu", trust_remote_code: bool = False, **kwargs) -> Fidelity:
@@ -123,22 +124,27 @@ def evaluate(reference, candidate, *, device: str = "cpu", trust_remote_code: bo
     return evaluate_models(*pairs, device=device, **kwargs)
 
 
-def info(path: str | Path) -> dict:
-    """The report and plan of a checkpoint (validated through its config)."""
-    from .runtime.checkpoint import read_specs
-    import json
+def info(path: str | Path, *, verify: bool = True, trust_remote_code: bool = False) -> dict:
+    """The report and plan of a checkpoint, checked against its config; with ``verify`` (the default)
+    its tensors are checked too (keys, dtypes, shapes, finite scales; nothing is dequantized, see
+    :func:`slq.runtime.checkpoint.verify`)."""
+    from .runtime.checkpoint import read_specs, verify as verify_tensors
+    from .util.jsonio import read_json
 
     p = Path(path)
     if not (p / "config.json").is_file():
         raise SlqError(f"{p} is not an slq checkpoint (no config.json)")
-    try:
-        specs = read_specs(json.loads((p / "config.json").read_text()))
-    except json.JSONDecodeError as e:
-        raise SlqError(f"corrupt checkpoint {p}: config.json is not JSON") from e
+    if verify:
+        specs = verify_tensors(p, trust_remote_code=trust_remote_code)
+    else:
+        specs = read_specs(read_json(p / "config.json", "corrupt checkpoint: its config"))
     report = read_report(p)
     if not report:
         raise SlqError(f"{p} has no slq_report.json (not written by slq?)")
-    plan = Plan.from_dict(report["plan"])
+    try:
+        plan = Plan.from_dict(report["plan"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise SlqError(f"corrupt {p / 'slq_report.json'}: its plan is incomplete or malformed ({e!r})") from e
     for name, s in specs.items():
         if name not in plan.layers or plan[name].spec != s:
             raise SlqError(f"slq_report.json disagrees with config.json about {name}")

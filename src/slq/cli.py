@@ -3,20 +3,44 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from safetensors import SafetensorError
 
-from .util.errors import SlqError
+from . import api
+from .quant.config import QuantConfig
+from .search import SearchConfig, search
+from .util.errors import ConfigError, SlqError
+from .util.preflight import bank_bytes, check_out_dir, check_writable_dir, check_writable_file, checkpoint_bytes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Statistically-lossless quantization of Hugging Face causal LLMs.")
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
+
+# Config field -> the flag that sets it (a ConfigError names the field; the CLI prints the flag).
+FLAGS = {
+    # QuantConfig
+    "bits": "--bits", "method": "--method", "group_size": "--group-size", "symmetric": "--sym", "clip": "--no-clip",
+    "attention": "--plain-hessians", "act_order": "--act-order", "damp": "--damp", "calib": "--calib",
+    "calib_samples": "--calib-samples", "seq_len": "--seq-len", "seed": "--seed", "device": "--device",
+    # SearchConfig
+    "target": "--target", "ear": "--ear", "recovery": "--recovery", "tasks": "--tasks", "task_limit": "--task-limit",
+    "bitwidths": "--bitwidths", "units": "--units", "estimator": "--estimator", "sens_windows": "--sens-windows",
+    "sens_seq_len": "--sens-seq-len", "verify_windows": "--verify-windows", "confirm_windows": "--confirm-windows",
+    "probe_bits": "--probe-bits", "orderings": "--orderings", "max_rounds": "--max-rounds",
+    "baselines": "--baselines", "workdir": "--workdir",
+    # the entry points' own arguments
+    "force": "--force", "out": "--out",
+}
 
 
 def _quiet_transformers() -> None:
@@ -30,16 +54,40 @@ def _quiet_transformers() -> None:
 
 
 def _run(fn, *a, **k):
-    """Call fn; bad input becomes one line on stderr and exit code 1."""
+    """Call fn; bad input, or a file or disk that fails (OSError, a corrupt safetensors or JSON file),
+    becomes one line on stderr and exit code 1; ``SLQ_DEBUG=1`` prints the traceback first. Errors of
+    the code itself are not caught here: they surface as tracebacks."""
     _quiet_transformers()
     try:
         return fn(*a, **k)
+    except ConfigError as e:
+        _fail(e.render(FLAGS), e)
     except SlqError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
+        _fail(str(e), e)
+    except (OSError, SafetensorError, json.JSONDecodeError) as e:
+        _fail(_describe(e), e)
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]")
         raise typer.Exit(130)
+
+
+def _fail(msg: str, e: BaseException):
+    if os.environ.get("SLQ_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(e)
+    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _describe(e: BaseException) -> str:
+    """One line for an environment or file failure, naming the file where the exception knows it."""
+    if isinstance(e, OSError):
+        what = e.strerror or str(e) or type(e).__name__
+        files = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        return f"{what}: {files}" if files else what
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if isinstance(e, SafetensorError):
+        return f"a safetensors file cannot be read: {first}"
+    return f"a JSON file cannot be parsed: {first}"
 
 
 def _group(value: str) -> Optional[int]:
@@ -68,9 +116,13 @@ def _parse_bits(value: Optional[str]) -> Optional[float]:
     if value is None:
         return None
     try:
-        return float(value)
+        b = float(value)
     except ValueError:
         raise SlqError(f"--bits must be a number (an integer 2..8 for uniform, or a fractional budget), got {value!r}")
+    if not math.isfinite(b):
+        raise SlqError(f"--bits must be a finite number (an integer 2..8 for uniform, or a fractional budget), "
+                       f"got {value!r}")
+    return b
 
 
 @app.command()
@@ -111,7 +163,7 @@ def quantize(
                                              help="GPTQ: columns by decreasing Hessian diagonal, static groups "
                                                   "(default: on for GPTQ)"),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ: damping added to the Hessian, a fraction of its mean diagonal"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(..., "--out", "-o", help="output checkpoint directory"),
     force: bool = typer.Option(False, "--force", help="replace --out if it exists"),
@@ -123,36 +175,36 @@ def quantize(
     """Quantize a model to a compressed-tensors checkpoint: uniform bits, or the SLQ per-unit search."""
 
     def go():
-        if device not in ("cpu", "cuda"):
-            raise SlqError(f"--device must be cpu or cuda, got {device!r}")
-        if calib_samples < 1 or seq_len < 2:
-            raise SlqError("--calib-samples must be >= 1 and --seq-len >= 2")
         b = _parse_bits(bits)
         if target is not None and target not in ("dl", "tl"):
             raise SlqError(f"--target must be dl or tl, got {target!r}")
         if target is not None and b is not None:
             raise SlqError("give either --target or --bits, not both")
         is_search = target is not None or (b is not None and not float(b).is_integer())
-        if not is_search:
-            bb = 4 if b is None else int(b)
-            from .api import quantize as run
-
-            return run(model, bits=bb, group_size=_group(group_size), symmetric=sym, method=method, calib=calib,
-                       calib_samples=calib_samples, seq_len=seq_len, clip=not no_clip, attention=not plain_hessians,
-                       act_order=act_order, damp=damp, device=device, seed=seed, out=out, force=force, progress=sys.stderr.isatty(), trust_remote_code=trust_remote_code,
-                       eval=do_eval, eval_data=eval_data, eval_tokens=eval_tokens)
-        from .search.session import search
-
-        return search(model, target=target or "bits", ear=ear, recovery=recovery, bits=b,
-                      tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
-                      task_limit=task_limit, bitwidths=_int_list(bitwidths, "--bitwidths"), units=units,
-                      estimator=estimator, group_size=_group(group_size), symmetric=sym, method=method, calib=calib,
-                      calib_samples=calib_samples, seq_len=seq_len, sens_windows=sens_windows,
-                      sens_seq_len=sens_seq_len, verify_windows=verify_windows, confirm_windows=confirm_windows,
-                      probe_bits=None if probe_bits is None else _int_list(probe_bits, "--probe-bits"), orderings=orderings, max_rounds=max_rounds,
-                      baselines=_int_list(baselines, "--baselines") if baselines else None, clip=not no_clip,
-                      attention=not plain_hessians, act_order=act_order, damp=damp, device=device, seed=seed, workdir=workdir, out=out, force=force,
-                      progress=sys.stderr.isatty(), trust_remote_code=trust_remote_code)
+        # uniform: --bits (default 4); the search chooses bits per unit, so its QuantConfig keeps the default
+        qc = QuantConfig(**({} if is_search or b is None else {"bits": int(b)}), group_size=_group(group_size),
+                         symmetric=sym, method=method, calib=calib, calib_samples=calib_samples, seq_len=seq_len,
+                         clip=not no_clip, attention=not plain_hessians, act_order=act_order, damp=damp,
+                         device=device, seed=seed)
+        sc = None if not is_search else SearchConfig(
+            quant=qc, target=target or "bits", ear=ear, recovery=recovery, bits=b,
+            tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, task_limit=task_limit,
+            bitwidths=_int_list(bitwidths, "--bitwidths"), units=units, estimator=estimator,
+            sens_windows=sens_windows, sens_seq_len=sens_seq_len, verify_windows=verify_windows,
+            confirm_windows=confirm_windows,
+            probe_bits=None if probe_bits is None else _int_list(probe_bits, "--probe-bits"), orderings=orderings,
+            max_rounds=max_rounds, baselines=_int_list(baselines, "--baselines") if baselines else None,
+            workdir=workdir)
+        # output paths are checked before any work: a bad one costs seconds, not a quantization
+        check_out_dir(out, model, force=force, need=checkpoint_bytes(model, 4 if b is None else b))
+        if is_search and workdir is not None:
+            check_writable_dir(workdir, "--workdir", bank_bytes(model, _int_list(bitwidths, "--bitwidths"), workdir))
+        if sc is None:
+            return api.quantize(model, config=qc, out=out, force=force, progress=sys.stderr.isatty(),
+                                trust_remote_code=trust_remote_code, eval=do_eval, eval_data=eval_data,
+                                eval_tokens=eval_tokens)
+        return search(model, config=sc, out=out, force=force, plots=True, progress=sys.stderr.isatty(),
+                      trust_remote_code=trust_remote_code)
 
     report = _run(go)
     if report.get("allocation") is not None:
@@ -202,11 +254,13 @@ def print_search(report: dict) -> None:
 
 @app.command()
 def info(path: Path = typer.Argument(..., help="an slq checkpoint directory"),
-         as_json: bool = typer.Option(False, "--json", help="print the report as JSON")):
-    """Show a checkpoint's plan: layer, bits, group, sym, gamma; and bits per parameter."""
+         as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+         no_verify: bool = typer.Option(False, "--no-verify",
+                                        help="skip the tensor checks (keys, dtypes, shapes, finite scales)")):
+    """Show a checkpoint's plan: layer, bits, group, sym, gamma; and bits per parameter (after checking its tensors)."""
     from .api import info as run
 
-    report = _run(run, path)
+    report = _run(run, path, verify=not no_verify)
     if as_json:
         console.print_json(json.dumps(report))
         return
@@ -249,6 +303,8 @@ def eval_(
     from .api import evaluate
 
     def go():
+        if json_out is not None:
+            check_writable_file(json_out, "--json")
         names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
         return evaluate(None if reference == "default" else reference, None if candidate == "default" else candidate,
                         data=data, tokens=tokens, seq_len=seq_len, on_policy=on_policy, tasks=names, limit=limit,
@@ -261,7 +317,7 @@ def eval_(
     if json_out is not None:
         from .util.jsonio import write_json
 
-        write_json(json_out, d)
+        _run(write_json, json_out, d)
         console.print(f"wrote {json_out}")
 
 
@@ -342,6 +398,8 @@ def bench(
     """Decode speed: per-layer GEMV/GEMM, the linear stack, end-to-end tokens/s, beside FP16 and the roofline."""
     from .runtime.bench import run
 
+    if json_out is not None:
+        _run(check_writable_file, json_out, "--json")
     res = _run(lambda: run(shape=shape, checkpoint=checkpoint, bits=bits,
                            plans=None if (plan or "").lower() == "none" else plan, backends=backends, batches=batch,
                            layers=layers, json_out=json_out, group_size=_group(group_size), prompt_len=prompt_len,

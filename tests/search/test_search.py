@@ -26,10 +26,11 @@ def text_windows(stories_dir):
 
 
 def _bank(model, windows, workdir, bitwidths=(2, 4, 8), method="gptq"):
+    from slq.quant.config import QuantConfig
     from slq.search.bank import build_bank
 
     units = build_units(model)
-    return build_bank(model, units, windows, workdir, bitwidths=bitwidths, group_size=GS, method=method,
+    return build_bank(model, units, windows, workdir, QuantConfig(group_size=GS, method=method), bitwidths=bitwidths,
                       progress=False)
 
 
@@ -99,7 +100,7 @@ def test_prober_matches_a_full_forward(stories, text_windows, tmp_path):
     import copy
 
     from slq.measure.fidelity import compare_windows
-    from slq.search.sensitivity import Prober
+    from slq.search.prober import Prober
 
     model, _ = stories
     reference = copy.deepcopy(model)
@@ -122,7 +123,8 @@ def test_prober_matches_a_full_forward(stories, text_windows, tmp_path):
 
 
 def test_linear_estimator_predicts_uniform_assemblies(stories, text_windows, tmp_path):
-    from slq.search.sensitivity import Prober, linear_estimator
+    from slq.search.estimators import linear_estimator
+    from slq.search.prober import Prober
 
     model, _ = stories
     bank = _bank(model, text_windows[:8], tmp_path / "bank", bitwidths=(4, 6, 8))
@@ -140,7 +142,8 @@ def test_linear_estimator_predicts_uniform_assemblies(stories, text_windows, tmp
 
 def test_shapley_marginals_add_up_to_the_uniform_loss(stories, text_windows, tmp_path):
     """Efficiency: along every ordering the marginals telescope to the all-units loss."""
-    from slq.search.sensitivity import Prober, shapley_estimator
+    from slq.search.estimators import shapley_estimator
+    from slq.search.prober import Prober
 
     model, _ = stories
     bank = _bank(model, text_windows[:8], tmp_path / "bank", bitwidths=(4, 8))
@@ -157,7 +160,8 @@ def test_shapley_marginals_add_up_to_the_uniform_loss(stories, text_windows, tmp
 
 def test_fisher_estimate_matches_measured_kl_at_high_bits(stories, text_windows, tmp_path):
     """Second-order estimate vs measured KL of single units at 8 bits (small perturbations)."""
-    from slq.search.sensitivity import Prober, fisher_estimator
+    from slq.search.estimators import fisher_estimator
+    from slq.search.prober import Prober
 
     model, _ = stories
     bank = _bank(model, text_windows[:8], tmp_path / "bank", bitwidths=(6, 8))
@@ -169,8 +173,37 @@ def test_fisher_estimate_matches_measured_kl_at_high_bits(stories, text_windows,
     assert 0.4 < predicted / measured < 2.5, (predicted, measured)
 
 
+def test_estimator_registry_has_one_signature(stories, text_windows, tmp_path):
+    """Every registered estimator takes the same call, ``fn(inputs, config)``, reads its settings from the config,
+    and returns the same result as the algorithm called directly with those settings."""
+    import inspect
+
+    from slq.search.config import SearchConfig
+    from slq.search.estimators import (ESTIMATORS, EstimatorInputs, fisher_estimator, linear_estimator,
+                                       shapley_estimator)
+    from slq.search.prober import Prober, Sensitivity
+
+    assert set(ESTIMATORS) == {"linear", "shapley", "fisher"}
+    assert len({tuple(inspect.signature(fn).parameters) for fn in ESTIMATORS.values()}) == 1
+    model, _ = stories
+    bank = _bank(model, text_windows[:8], tmp_path / "bank", bitwidths=(4, 8))
+    windows = text_windows[:4, :64]
+    prober = Prober(model, bank, windows)
+    inputs = EstimatorInputs(model, bank, prober, windows, progress=False)
+    config = SearchConfig.from_settings(bitwidths=(4, 8, 16), probe_bits=(8,), orderings=1, fisher_draws=1, seed=3)
+    direct = {"linear": lambda: linear_estimator(prober, probe_bits=(8,), progress=False),
+              "shapley": lambda: shapley_estimator(prober, orderings=1, seed=3, progress=False),
+              "fisher": lambda: fisher_estimator(model, bank, windows, draws=1, seed=3, progress=False)}
+    for name, fn in ESTIMATORS.items():
+        sens = fn(inputs, config)
+        assert isinstance(sens, Sensitivity) and sens.estimator == name
+        assert set(sens.kl) == {u.name for u in bank.units}
+        assert all(set(d) == {4, 8, KEEP_BITS} for d in sens.kl.values())
+        assert sens.kl == direct[name]().kl, name
+
+
 def test_ear_map_recovers_a_power_law():
-    from slq.search.sensitivity import EarMap
+    from slq.search.prober import EarMap
 
     pts = [(k, 0.3 * k**0.55) for k in (1e-5, 1e-4, 1e-3, 1e-2)]
     m = EarMap().fit(pts)
@@ -290,11 +323,13 @@ def test_dl_round_failing_the_second_sample_is_rejected_and_tightens(stories_dir
     """A round that passes on the verification windows but not on the second held-out sample is rejected,
     and the next budget is tighter; failing there every time leaves the search NOT verified. The second
     sample's lower bound is forced here (its windows and EAR are real)."""
+    from slq.search.config import SearchConfig
     from slq.search.session import SearchSession
 
-    s = SearchSession(str(stories_dir), calib=str(need(TINY_TEXT)), calib_samples=8, seq_len=64, sens_windows=4,
-                      verify_windows=6, confirm_windows=5, group_size=GS, bitwidths=(4, 6, 8, 16),
-                      workdir=tmp_path / "w", progress=False)
+    cfg = SearchConfig.from_settings(calib=str(need(TINY_TEXT)), calib_samples=8, seq_len=64, sens_windows=4,
+                                     verify_windows=6, confirm_windows=5, group_size=GS, bitwidths=(4, 6, 8, 16),
+                                     workdir=tmp_path / "w")
+    s = SearchSession(str(stories_dir), cfg, progress=False)
     assert s.confirm_w.shape == (5, 64)
     assert not any(torch.equal(c, v) for c in s.confirm_w for v in torch.cat([s.verify_w, s.calib_w]))
     real = s.confirm
@@ -415,13 +450,14 @@ def test_generated_calibration_and_verification_are_independent_draws(stories_di
     """With generated data both come from one sampling pass: the calibration is what the data module
     samples alone, and the verification windows are other sequences (held out)."""
     from slq.measure.data import generated_windows
+    from slq.search.config import SearchConfig
     from slq.search.session import SearchSession
 
-    s = SearchSession(str(stories_dir), calib="generated", calib_samples=4, seq_len=32, sens_windows=2,
-                      verify_windows=3, group_size=GS, bitwidths=(8, 16), map_bits=(8,),
-                      workdir=tmp_path / "w", progress=False)
-    assert s.probe_bits == (8,)  # the default probe (4 bits) falls back to the candidate nearest to it
-    assert s.act_order is True  # GPTQ's default
+    cfg = SearchConfig.from_settings(calib="generated", calib_samples=4, seq_len=32, sens_windows=2, verify_windows=3,
+                                     group_size=GS, bitwidths=(8, 16), map_bits=(8,), workdir=tmp_path / "w")
+    s = SearchSession(str(stories_dir), cfg, progress=False)
+    assert s.config.probe_bits == (8,)  # the default probe (4 bits) falls back to the candidate nearest to it
+    assert s.config.quant.act_order is True  # GPTQ's default
     alone = generated_windows(s.model, s.tok, 4, 32, seed=0)
     assert torch.equal(s.calib_w, alone)
     assert s.verify_w.shape == (3, 32) and s.confirm_w.shape == (3, 32)  # the second sample: as many by default
@@ -436,9 +472,9 @@ def test_second_sample_is_skipped_with_a_note_when_the_text_is_too_short(stories
     session still runs, without it, and says why; a negative count is refused in one line."""
     from transformers import AutoTokenizer
 
-    from slq.util.errors import SlqError
-
+    from slq.search.config import SearchConfig
     from slq.search.session import SearchSession
+    from slq.util.errors import ConfigError
 
     tok = AutoTokenizer.from_pretrained(stories_dir)
     text = need(TINY_TEXT).read_text()
@@ -447,27 +483,29 @@ def test_second_sample_is_skipped_with_a_note_when_the_text_is_too_short(stories
     short.write_text(tok.decode(ids))
     n_windows = len(tok(short.read_text()).input_ids) // 64
     assert 6 <= n_windows < 4 + 2 + 2
-    s = SearchSession(str(stories_dir), calib=str(short), calib_samples=4, seq_len=64, sens_windows=2,
-                      verify_windows=2, group_size=GS, bitwidths=(8, 16), map_bits=(8,), workdir=tmp_path / "w",
-                      progress=False)
+    kw = dict(calib=str(short), calib_samples=4, seq_len=64, sens_windows=2, verify_windows=2, group_size=GS,
+              bitwidths=(8, 16), map_bits=(8,))
+    s = SearchSession(str(stories_dir), SearchConfig.from_settings(workdir=tmp_path / "w", **kw), progress=False)
     assert s.confirm_w is None and "no confirmation" in s.confirm_note and "only has" in s.confirm_note
     res = s.run("dl", ear=0.5, max_rounds=1)
     assert res["confirmation"]["windows"] == 0 and res["confirmation"]["note"] == s.confirm_note
-    with pytest.raises(SlqError, match="--confirm-windows must be >= 0"):
-        SearchSession(str(stories_dir), calib=str(short), calib_samples=4, seq_len=64, sens_windows=2,
-                      verify_windows=2, confirm_windows=-1, group_size=GS, workdir=tmp_path / "w2", progress=False)
+    with pytest.raises(ConfigError, match="confirm_windows must be >= 0") as e:
+        SearchConfig.from_settings(confirm_windows=-1, workdir=tmp_path / "w2", **kw)
+    assert e.value.field == "confirm_windows"
 
 
 def test_act_order_default_follows_the_method(stories_dir, tmp_path):
     """RTN has no column order: a session with it runs with act-order off by default and refuses act-order asked
     for explicitly, in one line, before it writes a work directory."""
-    from slq.util.errors import SlqError
-    from slq.search.session import SearchSession
+    from slq.search.config import SearchConfig
+    from slq.search.session import SearchSession, search
+    from slq.util.errors import ConfigError
 
     kw = dict(calib=str(need(TINY_TEXT)), calib_samples=4, seq_len=32, sens_windows=2, verify_windows=2,
-              group_size=GS, bitwidths=(8, 16), map_bits=(8,), method="rtn", progress=False)
-    s = SearchSession(str(stories_dir), workdir=tmp_path / "w", **kw)
-    assert s.act_order is False
-    with pytest.raises(SlqError, match="needs --method gptq"):
-        SearchSession(str(stories_dir), workdir=tmp_path / "w2", act_order=True, **kw)
+              group_size=GS, bitwidths=(8, 16), map_bits=(8,), method="rtn")
+    s = SearchSession(str(stories_dir), SearchConfig.from_settings(workdir=tmp_path / "w", **kw), progress=False)
+    assert s.config.quant.act_order is False
+    with pytest.raises(ConfigError, match="needs method 'gptq'") as e:
+        search(str(stories_dir), workdir=tmp_path / "w2", act_order=True, progress=False, **kw)
+    assert e.value.field == "act_order"
     assert not (tmp_path / "w2").exists()

@@ -8,6 +8,12 @@ sampled from the model itself at temperature 1: the offline default).
 Windows are consecutive, non-overlapping ``seq_len`` slices of
 ``tokenizer(text).input_ids``, taken from the start (after skipping ``skip`` windows),
 so an outside script can reproduce them exactly.
+
+Only as much text as the windows need is read and tokenized (memory is flat in the file's size):
+a prefix of the file, cut at a line end, is tokenized and grown (doubled) until it yields the
+``(skip + n) * seq_len`` tokens plus a margin of ``MARGIN`` tokens. The margin is dropped, so a
+token split by the cut never reaches a window: the windows equal those of the whole text's
+tokenization. With ``n=None`` (every window) the whole text is needed and read.
 """
 
 from __future__ import annotations
@@ -22,34 +28,57 @@ from ..util.errors import SlqError
 GENERATED = "generated"
 
 
+MARGIN = 64  # tokens tokenized past what the windows need, then dropped (the cut's neighbourhood)
+
+
 def load_text(source: str) -> str:
     """The raw text of a file, jsonl file or dataset id."""
+    return read_text(source)[0]
+
+
+def read_text(source: str, max_chars: int | None = None) -> tuple[str, bool]:
+    """(text, complete): the text of a file, jsonl file or dataset id, or with ``max_chars`` a prefix of
+    about that many characters ending at a line end; ``complete`` says whether it is the whole text."""
     p = Path(source).expanduser()
     if p.is_file():
-        if p.suffix == ".jsonl":
-            texts = []
+        try:
             with p.open(encoding="utf-8") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        texts.append(json.loads(line)["text"])
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise SlqError(f"{p}:{i}: expected a JSON object with a 'text' field") from e
-            text = "\n\n".join(texts)
-        else:
-            try:
-                text = p.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise SlqError(f"{p} is not UTF-8 text") from e
+                text, complete = (_read_jsonl(f, p, max_chars) if p.suffix == ".jsonl" else _read_plain(f, max_chars))
+        except UnicodeDecodeError as e:
+            raise SlqError(f"{p} is not UTF-8 text") from e
         text = text.replace("\r\n", "\n")
     elif p.is_dir() or source.startswith((".", "/", "~")) or source.endswith((".txt", ".jsonl", ".raw")):
         raise SlqError(f"calibration/eval text not found: {source}")
     else:
-        text = _load_dataset_text(source)
-    if not text.strip():
+        text, complete = _load_dataset_text(source), True
+    if complete and not text.strip():
         raise SlqError(f"the text source {source} is empty")
-    return text
+    return text, complete
+
+
+def _read_plain(f, max_chars: int | None) -> tuple[str, bool]:
+    if max_chars is None:
+        return f.read(), True
+    text = f.read(max_chars)
+    if not f.read(1):
+        return text, True
+    cut = text.rfind("\n")
+    return (text[: cut + 1] if cut > len(text) // 2 else text), False
+
+
+def _read_jsonl(f, p: Path, max_chars: int | None) -> tuple[str, bool]:
+    texts, size = [], 0
+    for i, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        if max_chars is not None and size >= max_chars:
+            return "\n\n".join(texts), False
+        try:
+            texts.append(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SlqError(f"{p}:{i}: expected a JSON object with a 'text' field") from e
+        size += len(texts[-1]) + 2
+    return "\n\n".join(texts), True
 
 
 def _load_dataset_text(spec: str) -> str:
@@ -121,4 +150,23 @@ def windows_from_source(
         # skip only matters for text; for generated data a different seed gives fresh windows
         return generated_windows(model, tokenizer, n, seq_len, seed=seed + 7919 * skip, device=device,
                                  progress=progress)
-    return token_windows(tokenizer, load_text(source), seq_len, n, skip=skip)
+    return text_windows(tokenizer, source, seq_len, n, skip=skip)
+
+
+def text_windows(tokenizer, source: str, seq_len: int, n: int | None = None, skip: int = 0,
+                 chars_per_token: float = 6.0) -> torch.Tensor:
+    """``token_windows`` of a text source, tokenizing a grown prefix only (see the module docstring)."""
+    if n is None:
+        return token_windows(tokenizer, load_text(source), seq_len, None, skip=skip)
+    if seq_len < 2:
+        raise SlqError(f"seq_len must be >= 2, got {seq_len}")
+    need = (skip + n) * seq_len
+    chars = int(chars_per_token * (need + MARGIN)) + 4096
+    while True:
+        text, complete = read_text(source, chars)
+        if complete:
+            return token_windows(tokenizer, text, seq_len, n, skip=skip)
+        ids = tokenizer(text).input_ids
+        if len(ids) >= need + MARGIN:
+            return torch.tensor(ids[skip * seq_len: need], dtype=torch.long).view(n, seq_len)
+        chars *= 2

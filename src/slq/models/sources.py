@@ -3,6 +3,13 @@
 Every source is resolved to a *local Hugging Face directory* (the report records it as
 ``model``): GGUF files and the embedded default are converted once to a plain fp32
 directory under the cache (``$SLQ_CACHE`` or ``~/.cache/slq``) and reused.
+
+A source that does not exist is read as a Hub id only when it can be one (``name`` or
+``org/name``); anything else (``./x``, ``/x``, ``~/x``, ``a/b/c``) is "no such file" with no
+network lookup, and an ``org/name`` that is neither a local directory nor reachable on the Hub
+says both. Loading maps every failure of the files (config that is not JSON, a missing, empty,
+truncated or corrupt safetensors file, weights whose shapes disagree with the config) to one
+:class:`SlqError` naming the directory or file.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..util.atomic import atomic_directory
 from ..util.errors import SlqError
@@ -105,10 +113,16 @@ def resolve_model(source: str | os.PathLike | None) -> Path:
             dest = _gguf_cache_path(p)
             return dest if (dest / "config.json").is_file() else _convert_gguf(p, dest)
         raise SlqError(f"{p} is a file but not a .gguf model; give a model directory, a .gguf file or a hub id")
-    looks_like_path = s.startswith((".", "/", "~")) or s.endswith(".gguf") or s.count("/") > 1
-    if looks_like_path:
+    if not could_be_hub_id(s):
         raise SlqError(f"no such file or directory: {s}")
     return _download(s)
+
+
+def could_be_hub_id(s: str) -> bool:
+    """A Hub id is ``name`` or ``org/name``: a string starting with ``.``, ``/`` or ``~``, with more than one
+    ``/``, a backslash, or ending in ``.gguf`` can only be a path."""
+    return not (s.startswith((".", "/", "~")) or s.endswith(".gguf") or s.count("/") > 1 or "\\" in s
+                or s.endswith("/"))
 
 
 def _download(repo_id: str) -> Path:
@@ -120,7 +134,8 @@ def _download(repo_id: str) -> Path:
         )
     except Exception as e:  # offline, unknown repo, gated: one clear line
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SlqError(f"could not fetch '{repo_id}' from the Hugging Face Hub (offline or unknown id?): {reason}") from e
+        raise SlqError(f"no such local directory '{repo_id}', and could not fetch '{repo_id}' from the Hugging "
+                       f"Face Hub (offline or unknown id?): {reason}") from e
     return Path(path)
 
 
@@ -134,19 +149,48 @@ def load_model(
     """(model, tokenizer) from a local HF directory, in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    path = Path(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as e:
-        raise SlqError(f"unsupported or unknown architecture in {path}: {str(e).splitlines()[0]}") from e
+        raise SlqError(f"unsupported or unknown architecture in {path}: {_first_line(e)}") from e
+    except OSError as e:  # transformers' message names the file (e.g. config.json that is not JSON)
+        raise SlqError(f"cannot read the config of {path}: {_first_line(e)}") from e
+    check_weight_files(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=dtype, trust_remote_code=trust_remote_code
         )
     except ValueError as e:
-        raise SlqError(f"cannot load {path} as a causal LM: {str(e).splitlines()[0]}") from e
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        raise SlqError(f"cannot load {path} as a causal LM: {_first_line(e)}") from e
+    except OSError as e:  # no weight file, unreadable file
+        raise SlqError(f"cannot load the weights of {path}: {_first_line(e)}") from e
+    except SafetensorError as e:
+        raise SlqError(f"corrupt weights in {path}: {_first_line(e)}") from e
+    except RuntimeError as e:
+        if "mismatch" not in str(e).lower():
+            raise
+        raise SlqError(f"the weights in {path} do not have the shapes {path / 'config.json'} describes") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SlqError(f"cannot load the tokenizer of {path}: {_first_line(e)}") from e
     model.to(device).eval()
     return model, tok
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def check_weight_files(path: Path) -> None:
+    """Open each safetensors file's header (no data): a truncated, empty or corrupt file is one SlqError naming it."""
+    for f in sorted(Path(path).glob("*.safetensors")):
+        try:
+            safe_open(str(f), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise SlqError(f"corrupt, truncated or unreadable weights file {f}: {_first_line(e)}") from e
 
 
 def check_finite(model: torch.nn.Module) -> None:

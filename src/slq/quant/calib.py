@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..util.errors import SlqError
+from ..models.arch import decoder_layers, layer_linears  # noqa: F401 - re-exported for pipeline, bank
 from .gptq import HessianAccumulator, RowBlockHessians, accumulate
 
 
@@ -77,23 +77,6 @@ def attention_heads(layer: nn.Module, name: str) -> tuple[nn.Module, int, int, i
     if nh % nkv or layer.get_submodule(name).out_features != nkv * hd:
         return None
     return attn, nh, nkv, hd
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a causal LM (Llama/Qwen/Mistral/Gemma-style)."""
-    base = getattr(model, "model", None)
-    for cand in (getattr(base, "layers", None), getattr(getattr(base, "decoder", None), "layers", None)):
-        if isinstance(cand, nn.ModuleList) and len(cand):
-            return cand
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for _, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n:
-            return mod
-    raise SlqError(f"unsupported architecture {type(model).__name__}: cannot find its decoder layers")
-
-
-def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
 class _Stop(Exception):

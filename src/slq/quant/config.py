@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
+import torch
+
 from ..util.errors import ConfigError
 from .spec import ALLOWED_GROUP_SIZES, QuantSpec
 
@@ -53,31 +55,38 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ConfigError("method", f"{{field}} must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.group_size not in ALLOWED_GROUP_SIZES:
+            raise ConfigError("method", f"{{field}} must be one of {', '.join(METHODS)}, got {_lit(self.method)}")
+        g = self.group_size
+        if g not in ALLOWED_GROUP_SIZES or (g is not None and (not isinstance(g, int) or isinstance(g, bool))):
             raise ConfigError("group_size", "{field} must be 16, 32, 64, 128, 256 or per-channel (None), "
-                                            f"got {self.group_size!r}")
-        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
-            raise ConfigError("bits", f"{{field}} must be an integer in 2..8, got {self.bits!r}")
+                                            f"got {_lit(g)}")
+        if not _is_int(self.bits) or not 2 <= self.bits <= 8:
+            raise ConfigError("bits", f"{{field}} must be an integer in 2..8, got {_lit(self.bits)}")
+        for name in ("symmetric", "clip", "attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"{{field}} must be True or False, got {_lit(getattr(self, name))}")
+        if self.act_order is not None and not isinstance(self.act_order, bool):
+            raise ConfigError("act_order", f"{{field}} must be True, False or None, got {_lit(self.act_order)}")
         if self.act_order and self.method != "gptq":
             raise ConfigError("act_order", "{field} orders GPTQ's columns: it needs method 'gptq'")
-        object.__setattr__(self, "act_order", self.method == "gptq" if self.act_order is None else bool(self.act_order))
-        if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and 0 < self.damp < 1):
+        object.__setattr__(self, "act_order", self.method == "gptq" if self.act_order is None else self.act_order)
+        if not (isinstance(self.damp, (int, float)) and not isinstance(self.damp, bool) and math.isfinite(self.damp)
+                and 0 < self.damp < 1):
             raise ConfigError("damp", "{field} must be in (0, 1) (a fraction of the Hessian's mean diagonal), "
-                                      f"got {self.damp}")
+                                      f"got {_lit(self.damp)}")
         object.__setattr__(self, "damp", float(self.damp))
-        for name, lo in (("calib_samples", 1), ("seq_len", 2), ("batch_size", 1)):
+        for name, lo in (("calib_samples", 1), ("seq_len", 2), ("batch_size", 1), ("seed", 0)):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ConfigError(name, f"{{field}} must be an integer >= {lo}, got {v!r}")
+            if not _is_int(v) or v < lo:
+                raise ConfigError(name, f"{{field}} must be an integer >= {lo}, got {_lit(v)}")
+        if self.calib is not None and not isinstance(self.calib, str):
+            raise ConfigError("calib", f"{{field}} must be a path, a dataset id or 'generated', got {_lit(self.calib)}")
         d = self.device
         if not isinstance(d, str) or not (d == "cpu" or d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit())):
-            raise ConfigError("device", f"{{field}} must be cpu, cuda or cuda:N, got {d!r}")
+            raise ConfigError("device", f"{{field}} must be cpu, cuda or cuda:N, got {_lit(d)}")
         if d.startswith("cuda"):
-            import torch
-
             if not torch.cuda.is_available():
-                raise ConfigError("device", f"{{field}} {d} was asked for but CUDA is not available")
+                raise ConfigError("device", f"{{field}} {_lit(d, repr_=False)} was asked for but CUDA is not available")
 
     @property
     def spec(self) -> QuantSpec:
@@ -86,9 +95,19 @@ class QuantConfig:
 
     def with_(self, **changes) -> "QuantConfig":
         """A copy with ``changes`` (validated again; a new method re-derives the act-order default)."""
-        if "method" in changes and "act_order" not in changes:
+        if changes.get("method", self.method) != self.method and "act_order" not in changes:
             changes["act_order"] = None
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """Every field by name (``act_order`` resolved to a bool), JSON-ready."""
         return asdict(self)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _lit(v, repr_: bool = True) -> str:
+    """A value as quoted inside a :class:`ConfigError` message."""
+    return repr(v) if repr_ else str(v)

@@ -11,9 +11,12 @@ Cholesky factor of H^-1 (with damping), and :func:`gptq_quantize` only reads it.
 Group parameters are computed from the *updated* weights when a group starts.
 
 ``act_order=True`` quantizes the columns in order of decreasing Hessian diagonal (the inputs with the
-most energy first, while the most columns are left to absorb their error). The groups stay the
-contiguous column ranges of the checkpoint format, so their parameters are fixed from the original
-weights before the pass ("static groups"); the codes need no column permutation to be read back.
+most energy first, while the most columns are left to absorb their error). It is a permutation around
+the one column loop: ``perm`` reorders W's columns and H's rows and columns (the permuted H is factored
+again), the loop runs unchanged, and ``invperm`` puts the codes back. The groups stay the contiguous
+column ranges of the checkpoint format, so their parameters are fixed from the original weights before
+the pass ("static groups") and each loop column reads the group ``perm[j] // G``; the codes need no
+column permutation to be read back.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class HessianAccumulator:
 @dataclass
 class RowBlockHessians:
     """One Hessian per consecutive block of ``rows`` output rows of a linear (a key or value projection:
-    one block per key/value head, see :mod:`slq.calib`)."""
+    one block per key/value head, see :mod:`slq.quant.calib`)."""
 
     blocks: list[HessianAccumulator]
     rows: int
@@ -70,25 +73,8 @@ def join_rows(pieces: list[tuple[int, QuantizedWeight]]) -> QuantizedWeight:
                            torch.cat([q.zero for q in qs]), qs[0].spec)
 
 
-def row_pieces(hessians: dict, n_rows: dict[str, int]) -> list[tuple[str, int, int, HessianAccumulator]]:
-    """(name, first row, end row, Hessian) for every block of rows that has its own Hessian, in row order.
-
-    GPTQ is row-independent given the Hessian, so pieces that share one Hessian object (the linears of
-    a fused input, every bitwidth) can be stacked and solved in one pass.
-    """
-    out = []
-    for name, h in hessians.items():
-        if isinstance(h, RowBlockHessians):
-            if len(h.blocks) * h.rows != n_rows[name]:
-                raise ValueError(f"{name}: {len(h.blocks)} x {h.rows} row blocks for {n_rows[name]} rows")
-            out += [(name, g * h.rows, (g + 1) * h.rows, acc) for g, acc in enumerate(h.blocks)]
-        else:
-            out.append((name, 0, n_rows[name], h))
-    return out
-
-
 def _triton_gptq():
-    from . import triton_gptq
+    from . import triton_gptq  # lazy: it imports Triton (a heavy optional package), about a second
 
     return triton_gptq
 
@@ -135,61 +121,6 @@ def gptq_quantize(
 
 
 @torch.no_grad()
-def _gptq_act_order(W: torch.Tensor, fac: Factor, specs: list[QuantSpec], clip: bool, block_size: int,
-                    maxq, kernel: bool) -> list[QuantizedWeight]:
-    """GPTQ over the columns in order of decreasing diag(H), with static group parameters.
-
-    ``W`` is already stacked (one copy per spec) with dead inputs zeroed; ``maxq`` is per row or an int.
-    The lazy updates are those of the plain order (sub-blocks of 16 columns inside blocks), and with
-    ``kernel`` each sub-block is one Triton launch that reads every column's own group parameters.
-    """
-    spec0 = specs[0]
-    NR, K = W.shape
-    N = NR // len(specs)
-    G = spec0.effective_group(K)
-    scales, zeros = qparams(W, spec0, G, clip=clip, maxq=maxq)  # from the original weights, per group
-    perm = torch.argsort(torch.diag(fac.H), descending=True, stable=True).to(W.device)
-    H = fac.H[perm][:, perm]
-    U = factor(H, fac.damp).U.to(W.device).contiguous()
-    group = perm // G  # the group of each column in the new order
-    Wp = W[:, perm].clone()
-    codes_p = torch.zeros(NR, K, dtype=torch.uint8, device=W.device)
-    inner = math.gcd(block_size, 16)
-    if kernel:
-        triton_gptq = _triton_gptq()
-        maxq_rows = (maxq[:, 0] if isinstance(maxq, torch.Tensor)
-                     else torch.full((NR,), float(maxq), device=W.device)).contiguous()
-    for i1 in range(0, K, block_size):
-        i2 = min(i1 + block_size, K)
-        W1 = Wp[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        s_blk, z_blk = scales[:, group[i1:i2]], zeros[:, group[i1:i2]]
-        for j1 in range(0, i2 - i1, inner):
-            j2 = min(j1 + inner, i2 - i1)
-            if kernel:
-                triton_gptq.subblock(W1[:, j1:j2], U1[j1:j2, j1:j2], s_blk[:, j1:j2].contiguous(),
-                                     z_blk[:, j1:j2].contiguous(), maxq_rows, codes_p[:, i1 + j1 : i1 + j2],
-                                     Err1[:, j1:j2])
-            for i in range(j1, j2) if not kernel else ():
-                s, z = s_blk[:, i : i + 1], z_blk[:, i : i + 1]
-                w = W1[:, i : i + 1]
-                q = _codes(w.unsqueeze(1), s, z, maxq).reshape(NR, 1)
-                codes_p[:, i1 + i] = q[:, 0].to(torch.uint8)
-                err = (w - _dequant_grouped(q.unsqueeze(1), s, z).reshape(NR, 1)) / U1[i, i]
-                W1[:, i:j2] -= err @ U1[i : i + 1, i:j2]
-                Err1[:, i] = err[:, 0]
-            if j2 < i2 - i1:
-                W1[:, j2:] -= Err1[:, j1:j2] @ U1[j1:j2, j2:]
-        Wp[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    codes = torch.empty_like(codes_p)
-    codes[:, perm] = codes_p
-    zeros = zeros.to(torch.uint8)
-    return [QuantizedWeight(codes[r * N:(r + 1) * N], scales[r * N:(r + 1) * N], zeros[r * N:(r + 1) * N], s)
-            for r, s in enumerate(specs)]
-
-
-@torch.no_grad()
 def gptq_quantize_many(
     W: torch.Tensor, fac: Factor, specs: list[QuantSpec], clip: bool = True, block_size: int = 128,
     kernel: bool | None = None, act_order: bool = False,
@@ -201,10 +132,10 @@ def gptq_quantize_many(
     :func:`gptq_quantize` alone gives (it is this function with one spec). The specs must share the
     group size and the symmetry (they differ in bits only).
 
-    ``kernel``: run each sub-block of columns as one Triton launch (:mod:`slq.kernels.triton_gptq`,
+    ``kernel``: run each sub-block of columns as one Triton launch (:mod:`slq.quant.triton_gptq`,
     bit-identical to the torch loop); the default uses it on CUDA tensors when Triton is installed.
-    ``act_order``: columns by decreasing diag(H), static groups (module docstring); the kernel then reads
-    each column's own group parameters.
+    ``act_order``: columns by decreasing diag(H), static groups (module docstring): a permutation of W's
+    columns and of H around the same column loop; the kernel then reads each column's own group parameters.
     """
     if not specs:
         return []
@@ -213,6 +144,7 @@ def gptq_quantize_many(
     spec0 = specs[0]
     N, K = W.shape
     R = len(specs)
+    NR = N * R
     G = spec0.effective_group(K)
     W = W.to(torch.float32).clone()
     W[:, fac.dead] = 0.0
@@ -224,24 +156,32 @@ def gptq_quantize_many(
         kernel = (W.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and _triton_gptq().usable(W)
     if kernel and not _triton_gptq().usable(W):
         raise ValueError("gptq_quantize_many(kernel=True) needs Triton and a CUDA tensor (or TRITON_INTERPRET=1)")
-    if act_order:
-        return _gptq_act_order(W, fac, specs, clip, block_size, maxq, bool(kernel))
-    U = fac.U.to(W.device).contiguous()  # LAPACK hands back column-major factors; the kernel reads rows
-    per_channel = G == K
-    B = max(block_size, G) if not per_channel else block_size
-    NR = N * R
-    codes = torch.zeros(NR, K, dtype=torch.uint8, device=W.device)
+
+    # Static groups (act-order, or one group per row): parameters from the original weights, before any
+    # update. Otherwise each group's parameters come from its updated weights when its first column is reached.
+    static = act_order or G == K
     scales = torch.zeros(NR, K // G, dtype=torch.float16, device=W.device)
     zeros = torch.zeros(NR, K // G, dtype=torch.int64, device=W.device)
-    if per_channel:  # one group: parameters from the whole row, before any update
+    if static:
         scales, zeros = qparams(W, spec0, G, clip=clip, maxq=maxq)
-    # Two levels of lazy updates: inside a sub-block of `inner` columns the rank-1 updates touch only that
-    # sub-block; its errors reach the rest of the block in one product, and the rest of the matrix after the
-    # block (the reads per column drop from the block's width to the sub-block's). Group starts are
-    # sub-block starts, and every earlier error has been applied to the group's columns by then.
-    inner = math.gcd(B, G if not per_channel else B, 16)
-    use_kernel = kernel
-    if use_kernel:
+    if act_order:  # the loop runs over the permuted columns; column j of the loop is column perm[j] of W
+        perm = torch.argsort(torch.diag(fac.H), descending=True, stable=True).to(W.device)
+        invperm = torch.argsort(perm)
+        U = factor(fac.H[perm][:, perm], fac.damp).U
+        W = W[:, perm]
+        group = perm // G  # loop column -> its group in the stored (contiguous) layout
+    else:
+        U, group = fac.U, None
+    U = U.to(W.device).contiguous()  # LAPACK hands back column-major factors; the kernel reads rows
+    codes = torch.zeros(NR, K, dtype=torch.uint8, device=W.device)
+    # Blocks hold whole groups when groups are computed on the fly. Two levels of lazy updates: inside a
+    # sub-block of `inner` columns the rank-1 updates touch only that sub-block; its errors reach the rest of
+    # the block in one product, and the rest of the matrix after the block (the reads per column drop from the
+    # block's width to the sub-block's). Dynamic group starts are sub-block starts, and every earlier error
+    # has been applied to the group's columns by then.
+    B = block_size if static else max(block_size, G)
+    inner = math.gcd(B, 16) if static else math.gcd(B, G, 16)
+    if kernel:
         triton_gptq = _triton_gptq()
         maxq_rows = (maxq[:, 0] if isinstance(maxq, torch.Tensor)
                      else torch.full((NR,), float(maxq), device=W.device)).contiguous()
@@ -250,26 +190,30 @@ def gptq_quantize_many(
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
+        if group is not None:  # each column's own group parameters, [NR, i2 - i1]
+            s_blk, z_blk = scales[:, group[i1:i2]], zeros[:, group[i1:i2]]
         for j1 in range(0, i2 - i1, inner):
             j2 = min(j1 + inner, i2 - i1)
-            if use_kernel:  # the same arithmetic as the loop below, one launch per sub-block
-                col, g = i1 + j1, (i1 + j1) // G
-                if not per_channel and col % G == 0:
+            col = i1 + j1
+            if group is not None:
+                s_sub, z_sub = s_blk[:, j1:j2].contiguous(), z_blk[:, j1:j2].contiguous()
+            else:  # the whole sub-block lies in group g: parameters [NR]
+                g = col // G
+                if not static and col % G == 0:  # B is a multiple of G, so the whole group lies in this block
                     s, z = qparams(W1[:, j1 : j1 + G], spec0, G, clip=clip, maxq=maxq)
                     scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
-                triton_gptq.subblock(W1[:, j1:j2], U1[j1:j2, j1:j2], scales[:, g], zeros[:, g], maxq_rows,
-                                     codes[:, i1 + j1 : i1 + j2], Err1[:, j1:j2])
-            for i in range(j1, j2) if not use_kernel else ():
-                col = i1 + i
-                g = col // G
-                if not per_channel and col % G == 0:
-                    # B is a multiple of G, so the whole group lies in this block.
-                    s, z = qparams(W1[:, i : i + G], spec0, G, clip=clip, maxq=maxq)
-                    scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
-                s, z = scales[:, g : g + 1], zeros[:, g : g + 1]
+                s_sub, z_sub = scales[:, g], zeros[:, g]
+            if kernel:  # the same arithmetic as the loop below, one launch per sub-block
+                triton_gptq.subblock(W1[:, j1:j2], U1[j1:j2, j1:j2], s_sub, z_sub, maxq_rows,
+                                     codes[:, col : i1 + j2], Err1[:, j1:j2])
+            for i in range(j1, j2) if not kernel else ():
+                if group is not None:
+                    s, z = s_sub[:, i - j1 : i - j1 + 1], z_sub[:, i - j1 : i - j1 + 1]
+                else:
+                    s, z = s_sub[:, None], z_sub[:, None]
                 w = W1[:, i : i + 1]
                 q = _codes(w.unsqueeze(1), s, z, maxq).reshape(NR, 1)
-                codes[:, col] = q[:, 0].to(torch.uint8)
+                codes[:, i1 + i] = q[:, 0].to(torch.uint8)
                 wq = _dequant_grouped(q.unsqueeze(1), s, z).reshape(NR, 1)
                 err = (w - wq) / U1[i, i]
                 W1[:, i:j2] -= err @ U1[i : i + 1, i:j2]
@@ -277,6 +221,8 @@ def gptq_quantize_many(
             if j2 < i2 - i1:
                 W1[:, j2:] -= Err1[:, j1:j2] @ U1[j1:j2, j2:]
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    if act_order:
+        codes = codes[:, invperm]  # back to the stored column order
     zeros = zeros.to(torch.uint8)
     return [QuantizedWeight(codes[r * N:(r + 1) * N], scales[r * N:(r + 1) * N], zeros[r * N:(r + 1) * N], s)
             for r, s in enumerate(specs)]

@@ -2,6 +2,8 @@
 
 GPTQ runs sequentially by default: the inputs of decoder layer l are produced by
 layers 0..l-1 *already quantized*, so each layer corrects for the error upstream.
+Each layer is one stacked solve (:func:`slq.quant.solve.solve_layer`, shared with the
+search's bank); the settings come in one :class:`slq.quant.config.QuantConfig`.
 After :func:`quantize_model` the model holds the dequantized weights (fake-quant), so
 it can be evaluated directly; the integer codes are returned for the checkpoint.
 """
@@ -16,16 +18,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .calib import (capture_layer0_inputs, collect_hessians, decoder_layers, eager_attention, layer_linears,
-                    run_layer)
 from ..util.errors import SlqError
-from .gptq import factor, gptq_quantize, join_rows, output_error, row_pieces
-from .grid import QuantizedWeight, gamma_stats, quantize_rtn
 from ..util.progress import progress_bar
 from ..util.provenance import git_commit, versions
+from .calib import (capture_layer0_inputs, collect_hessians, decoder_layers, eager_attention, layer_linears,
+                    run_layer)
+from .config import QuantConfig
+from .grid import QuantizedWeight, gamma_stats
+from .solve import layer_weights, solve_layer
 from .spec import LayerPlan, Plan, QuantSpec, model_bits_per_param, resolve_group_size
-
-METHODS = ("rtn", "gptq")
 
 
 @dataclass
@@ -57,46 +58,55 @@ def layer_spec(name: str, lin: nn.Linear, spec: QuantSpec, method: str) -> Layer
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
-    spec: QuantSpec | None = None,
+    config: QuantConfig | QuantSpec | None = None,
     *,
-    specs: dict[str, QuantSpec] | None = None,
-    method: str = "gptq",
+    specs: dict[str, QuantSpec | None] | None = None,
     windows: torch.Tensor | None = None,
-    clip: bool = True,
-    damp: float = 0.01,
-    attention: bool = True,
-    act_order: bool = True,
     sequential: bool = True,
-    batch_size: int = 8,
-    device: str = "cpu",
     progress: bool = True,
+    **settings,
 ) -> QuantizeResult:
     """Quantize every linear in the decoder layers in place (weights become dequantized).
 
-    ``spec`` applies to every layer; ``specs`` (full module name -> spec) overrides it per
-    layer, which is how mixed-bitwidth plans are built; a ``None`` value keeps that layer
-    unquantized (the "16-bit" choice of the bit search). GPTQ needs ``windows``
-    (LongTensor [n, seq_len] of calibration tokens). ``attention``: GPTQ of key and value projections uses
-    attention-aware Hessians, one per key/value head (:mod:`slq.calib`). ``act_order``: GPTQ quantizes the
-    columns by decreasing Hessian diagonal, with static groups (:mod:`slq.gptq`).
+    ``config`` (:class:`QuantConfig`) says how: method, grid, GPTQ's options, batch size, device; its
+    ``spec`` applies to every layer. ``specs`` (full module name -> spec) overrides it per layer, which
+    is how mixed-bitwidth plans are built; a ``None`` value keeps that layer unquantized (the "16-bit"
+    choice of the bit search). GPTQ needs ``windows`` (LongTensor [n, seq_len] of calibration tokens).
+    ``sequential``: each layer's inputs come from the layers before it already quantized; ``False``: from
+    the reference layers.
+
+    The older call form is kept: a :class:`QuantSpec` (or ``None`` with ``specs`` for every layer) as the
+    second argument and the settings as keywords (``method``, ``clip``, ``damp``, ``attention``,
+    ``act_order``, ``batch_size``, ``device``), which build the config (their defaults are its defaults).
     """
-    if method not in METHODS:
-        raise SlqError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "gptq" and (windows is None or len(windows) == 0):
+    if isinstance(config, QuantConfig):
+        if settings:
+            raise SlqError(f"give either a QuantConfig or keyword settings, not both (got {', '.join(settings)})")
+    else:
+        spec = config
+        if spec is None and len(specs or {}) != len(quantizable_linears(model)):
+            raise SlqError("give a spec for every layer, or a default spec")
+        if spec is not None:
+            settings.update(bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric)
+        config = QuantConfig(**settings)
+    return _quantize(model, config, specs or {}, windows, sequential, progress)
+
+
+def _quantize(model: nn.Module, config: QuantConfig, specs: dict[str, QuantSpec | None],
+              windows: torch.Tensor | None, sequential: bool, progress: bool) -> QuantizeResult:
+    method, gptq = config.method, config.method == "gptq"
+    if gptq and (windows is None or len(windows) == 0):
         raise SlqError("GPTQ needs calibration windows")
     linears = quantizable_linears(model)
     if not linears:
         raise SlqError("the model has no linear layers to quantize")
-    specs = dict(specs or {})
     unknown = set(specs) - set(linears)
     if unknown:
         raise SlqError(f"spec given for modules the model does not have: {sorted(unknown)[:3]}")
-    if spec is None and len(specs) != len(linears):
-        raise SlqError("give a spec for every layer, or a default spec")
 
     plan = Plan()
     for name, lin in linears.items():
-        s = specs.get(name, spec)
+        s = specs.get(name, config.spec)
         if s is not None:
             plan.add(layer_spec(name, lin, s, method))
     qweights: dict[str, QuantizedWeight] = {}
@@ -106,79 +116,45 @@ def quantize_model(
     prefix = next(n for n, m in model.named_modules() if m is layers)
 
     batches = None
-    with eager_attention(model, method == "gptq" and attention), progress_bar(progress) as bar:
-        if method == "gptq":
+    with eager_attention(model, gptq and config.attention), progress_bar(progress) as bar:
+        if gptq:
             t = time.perf_counter()
-            batches = capture_layer0_inputs(model, windows, batch_size, device)
+            batches = capture_layer0_inputs(model, windows, config.batch_size, config.device)
             timings["capture_s"] = time.perf_counter() - t
         task = bar.add_task(f"{method.upper()} layers", total=len(layers))
         for i, layer in enumerate(layers):
             rel = layer_linears(layer)
             names = {f"{prefix}.{i}.{r}": r for r in rel if f"{prefix}.{i}.{r}" in plan.layers}
-            hessians = {}
-            if method == "gptq" and names:
+            hessians = None
+            if gptq and names:
                 t = time.perf_counter()
-                hessians = collect_hessians(layer, batches, list(names.values()), attention=attention)
+                found = collect_hessians(layer, batches, list(names.values()), attention=config.attention)
+                hessians = {full: found[r] for full, r in names.items()}
                 timings["hessian_s"] += time.perf_counter() - t
-            if method == "gptq" and not sequential and i + 1 < len(layers):
+            if gptq and not sequential and i + 1 < len(layers):
                 # non-sequential: the next layer sees the outputs of this layer *unquantized*
                 t = time.perf_counter()
                 next_batches = run_layer(layer, batches)
                 timings["forward_s"] += time.perf_counter() - t
             t = time.perf_counter()
-            weights = {}
-            for full, r in names.items():
+            weights = layer_weights({full: rel[r] for full, r in names.items()})
+            for full, W in weights.items():
                 lp = plan[full]
-                W = rel[r].weight.data.float()
-                if not torch.isfinite(W).all():
-                    raise SlqError(f"weight {full}.weight contains NaN or Inf values")
                 lp.gamma_mean, lp.gamma2_mean = gamma_stats(W, lp.spec.effective_group(lp.K))
-                weights[full] = W
-            results: dict[str, QuantizedWeight] = {}
-            blocks: dict[str, list[tuple[int, int, torch.Tensor]]] = {}  # rows -> Hessian, for the error metric
-            if method == "gptq":
-                # GPTQ is row-independent given H: row pieces that share a Hessian (linears of one input;
-                # a key/value projection has one per key/value head) and a spec are stacked along N and
-                # solved in one pass (same codes, fewer Python steps).
-                pieces = row_pieces({f: hessians[r] for f, r in names.items()},
-                                    {f: weights[f].shape[0] for f in names})
-                stacks: dict[tuple, list[tuple]] = {}
-                for pc in pieces:
-                    stacks.setdefault((id(pc[3]), plan[pc[0]].spec), []).append(pc)
-                factors = {}
-                got: dict[str, list[tuple[int, QuantizedWeight]]] = {}
-                for (key, spec_), ps in stacks.items():
-                    if key not in factors:
-                        factors[key] = factor(ps[0][3].H, damp)
-                    fac = factors[key]
-                    W = torch.cat([weights[m][r0:r1] for m, r0, r1, _ in ps]).to(device)
-                    q = gptq_quantize(W, fac, spec_, clip=clip, act_order=act_order)
-                    row = 0
-                    for m, r0, r1, _ in ps:
-                        n = r1 - r0
-                        got.setdefault(m, []).append((r0, QuantizedWeight(q.codes[row:row + n], q.scale[row:row + n],
-                                                                          q.zero[row:row + n], spec_)))
-                        blocks.setdefault(m, []).append((r0, r1, fac.H))
-                        row += n
-                for m, lst in got.items():
-                    results[m] = join_rows(lst)
-            else:
-                for full in names:
-                    results[full] = quantize_rtn(weights[full], plan[full].spec, clip=clip)
+            solved = solve_layer(weights, {full: (plan[full].spec,) for full in names}, config, hessians)
             for full, r in names.items():
-                lin, lp, W = rel[r], plan[full], weights[full]
-                q = results[full]
+                lin, lp, W, sol = rel[r], plan[full], weights[full], solved[full]
+                q = sol.qweights[0]
                 q = QuantizedWeight(q.codes.cpu(), q.scale.cpu(), q.zero.cpu(), q.spec)
                 W_hat = q.dequantize().to(W.device)
-                if method == "gptq":
-                    base = sum(output_error(W[r0:r1], torch.zeros_like(W[r0:r1]), H) for r0, r1, H in blocks[full])
-                    err = sum(output_error(W[r0:r1], W_hat[r0:r1], H) for r0, r1, H in blocks[full])
-                    lp.metrics["rel_output_error"] = err / max(base, 1e-30)
+                if gptq:
+                    base = sol.output_error(W, torch.zeros_like(W))
+                    lp.metrics["rel_output_error"] = sol.output_error(W, W_hat) / max(base, 1e-30)
                 lp.metrics["rel_weight_error"] = float((W - W_hat).pow(2).sum() / W.pow(2).sum().clamp_min(1e-30))
                 lin.weight.data.copy_(W_hat.to(lin.weight.dtype))
                 qweights[full] = q
             timings["solve_s"] += time.perf_counter() - t
-            if method == "gptq" and i + 1 < len(layers):
+            if gptq and i + 1 < len(layers):
                 if sequential:
                     t = time.perf_counter()
                     batches = run_layer(layer, batches)

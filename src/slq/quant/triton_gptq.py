@@ -1,7 +1,7 @@
 """One Triton kernel for GPTQ's inner loop: a sub-block of up to 16 columns for every row at once.
 
 GPTQ quantizes columns one after another, and each column's error updates the columns to its right.
-In :func:`slq.gptq.gptq_quantize_many` the updates are lazy on two levels, so the only strictly
+In :func:`slq.quant.gptq.gptq_quantize_many` the updates are lazy on two levels, so the only strictly
 sequential part is a sub-block of ``S <= 16`` columns: quantize column ``c``, divide its error by
 ``U[c, c]``, subtract ``err * U[c, c+1:]`` from the columns after it, next column. In torch that is
 about fifteen kernel launches per column, and on a GPU the launches, not the arithmetic, set the time

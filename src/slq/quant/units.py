@@ -7,8 +7,8 @@ Phi-3 style checkpoints already store ``qkv_proj`` / ``gate_up_proj`` as single 
 which map onto the same kinds. A unit is named after its layer and kind, e.g.
 ``model.layers.3.attn.qkv``.
 
-Modes: ``fused`` (default) for the families in :data:`FUSED_FAMILIES` (detected from
-``config.model_type``); ``linear`` makes every linear its own unit. An unknown family
+Modes: ``fused`` (default) for the families :mod:`slq.models.arch` has a table for (detected from
+``config.model_type``; the table says which linears form each kind); ``linear`` makes every linear its own unit. An unknown family
 falls back to per-linear units with a warning. Per-linear units are named after their
 module and their ``kind`` is the module's path inside its layer (``self_attn.q_proj``).
 
@@ -29,20 +29,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .calib import decoder_layers
+from ..models import arch
+from ..models.arch import FUSED_FAMILIES  # noqa: F401 - the families fused mode knows
 from ..util.errors import SlqError
-from .pipeline import quantizable_linears
 from .spec import SCALE_BITS, QuantSpec, resolve_group_size
 
 MODES = ("fused", "linear")
 KEEP_BITS = 16  # the allocation value meaning "leave this unit unquantized"
-FUSED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3"})
-ROLES = {  # last name component -> fused kind
-    "q_proj": "attn.qkv", "k_proj": "attn.qkv", "v_proj": "attn.qkv", "qkv_proj": "attn.qkv",
-    "o_proj": "attn.o",
-    "gate_proj": "mlp.gate_up", "up_proj": "mlp.gate_up", "gate_up_proj": "mlp.gate_up",
-    "down_proj": "mlp.down",
-}
 
 
 @dataclass(frozen=True)
@@ -57,30 +50,22 @@ class Unit:
     K: int  # in_features, shared by all members
 
 
-def _layer_prefix(model: nn.Module) -> str:
-    layers = decoder_layers(model)
-    return next(n for n, m in model.named_modules() if m is layers)
-
-
 def build_units(model: nn.Module, mode: str = "fused") -> list[Unit]:
     """Allocation units of ``model`` in model order (order of each unit's first member)."""
     if mode not in MODES:
         raise SlqError(f"unknown unit mode {mode!r}; choose one of {', '.join(MODES)}")
-    linears = quantizable_linears(model)
-    prefix = _layer_prefix(model)
-    family = getattr(getattr(model, "config", None), "model_type", None)
-    if mode == "fused" and family not in FUSED_FAMILIES:
-        warnings.warn(
-            f"model family {family!r} has no known fused projections: allocating every linear on its "
-            f"own (known: {', '.join(sorted(FUSED_FAMILIES))})",
-            stacklevel=2,
-        )
+    linears = arch.decoder_linears(model)
+    prefix = arch.layers_prefix(model)
+    family = arch.family(model)
+    why = arch.unsupported(model, "fused") if mode == "fused" else None
+    if why:
+        warnings.warn(f"{why}: allocating every linear on its own", stacklevel=2)
         mode = "linear"
 
     groups: dict[tuple[int, str], list[str]] = {}  # (layer, kind) -> members, insertion = model order
     for name in linears:
         layer, rel = name[len(prefix) + 1:].split(".", 1)
-        kind = ROLES.get(rel.rsplit(".", 1)[-1]) if mode == "fused" else None
+        kind = family.kind_of(rel) if mode == "fused" else None
         groups.setdefault((int(layer), kind or rel), []).append(name)
 
     units = []
@@ -90,7 +75,7 @@ def build_units(model: nn.Module, mode: str = "fused") -> list[Unit]:
             warnings.warn(f"layer {layer} {kind}: members {members} differ in in_features {sorted(Ks)}; "
                           "allocating them one by one", stacklevel=2)
             units += [_unit(m, layer, m[len(f"{prefix}.{layer}."):], (m,), linears) for m in members]
-        elif kind in ROLES.values():
+        elif kind in arch.KINDS:
             units.append(_unit(f"{prefix}.{layer}.{kind}", layer, kind, tuple(members), linears))
         else:
             units.append(_unit(members[0], layer, kind, tuple(members), linears))

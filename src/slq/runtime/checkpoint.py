@@ -16,7 +16,14 @@ Per quantized linear ``name`` (weight [N, K], bits b, G columns per group):
 
 One config group per distinct (bits, group, symmetric); ``targets`` are exact module
 names. Everything else (embeddings, norms, lm_head) is stored as in the model.
-Writes go to a temporary directory that is renamed into place at the end.
+Writes go to a temporary directory that is fsync'ed and renamed into place at the end
+(:mod:`slq.util.atomic`); the report is written inside it, so the report and the weights in a
+directory always belong to the same run. The bytes are a function of the tensors alone: the
+safetensors header is rewritten with its metadata keys sorted (the library writes them in hash
+order, which differs between processes), so two identical runs give identical files.
+
+:func:`verify` checks a checkpoint without dequantizing: every key the config implies, with its
+dtype and shape read from the safetensors header (no tensor data), and finite scales.
 """
 
 from __future__ import annotations
@@ -24,17 +31,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..util.jsonio import read_json
 
 from ..util.atomic import atomic_directory
 from ..util.errors import SlqError
+from ..util.preflight import check_out_dir
 from ..quant.grid import QuantizedWeight
+from .backends import BACKENDS
+from .backends.choose import choose_backends
 from .qlinear import QuantLinear
 from ..quant.spec import QuantSpec
 from ..models.sources import is_slq_checkpoint, load_model, resolve_model
@@ -136,16 +147,23 @@ def save_checkpoint(
     force: bool = False,
     half_modules: frozenset[str] | set[str] = frozenset(),
     extra_files: dict[str, bytes] | None = None,
+    started: float | None = None,
 ) -> Path:
-    """Write the checkpoint atomically; refuses to overwrite unless ``force``.
+    """Write the checkpoint atomically; refuses to overwrite unless ``force``, and refuses an ``out``
+    that is, holds or lies in the model's own directory.
+
+    ``report`` is written last, inside the temporary directory; with ``started`` (a
+    ``time.perf_counter()`` value) its ``timings`` get ``save_s`` and ``total_s`` first.
 
     ``half_modules``: unquantized linears (the bit search's "16-bit" choice) whose weights are stored
     in fp16 whatever the model's dtype; the caller has already rounded them to fp16 values, so the
     file holds exactly what was measured, and loaders cast them back to the model's dtype.
     """
+    t_save = time.perf_counter()
     out = Path(out_dir)
     if out.exists() and not force:
         raise SlqError(f"output directory {out} exists; pass --force to replace it")
+    check_out_dir(out, getattr(model, "name_or_path", None) or None, force=force)
     with atomic_directory(out, replace=True) as tmp:
         tensors: dict[str, torch.Tensor] = {}
         seen_ptrs: dict[int, str] = {}
@@ -167,7 +185,7 @@ def save_checkpoint(
         for name, q in qweights.items():
             for k, v in pack_weight(q).items():
                 tensors[f"{name}.{k}"] = v
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "slq"})
+        save_safetensors(tensors, tmp / WEIGHTS, {"format": "pt", "producer": "slq"})
         cfg = model.config.to_dict()
         cfg["quantization_config"] = quantization_config({n: q.spec for n, q in qweights.items()})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
@@ -175,10 +193,29 @@ def save_checkpoint(
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / REPORT).write_text(json.dumps(report, indent=2, default=_json_default))
         for name, data in (extra_files or {}).items():  # reports and plots, inside the same atomic write
             (tmp / name).write_bytes(data)
+        if started is not None and isinstance(report.get("timings"), dict):
+            report["timings"]["save_s"] = time.perf_counter() - t_save
+            report["timings"]["total_s"] = time.perf_counter() - started
+        (tmp / REPORT).write_text(json.dumps(report, indent=2, default=_json_default))
     return out
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """``save_file`` with a deterministic header: the metadata keys sorted (same length, rewritten in place)."""
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        body = json.dumps({"__metadata__": header.pop("__metadata__"), **header}, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+        if len(body) > n:  # cannot happen for a reordering; keep the library's header rather than break the file
+            return
+        f.seek(8)
+        f.write(body + b" " * (n - len(body)))
 
 
 def _json_default(o):
@@ -215,6 +252,99 @@ def read_specs(config: dict) -> dict[str, QuantSpec]:
     return specs
 
 
+_ST_DTYPES = {"I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F32": torch.float32, "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8}
+
+
+def _open_weights(path: Path):
+    """safe_open of the checkpoint's weights; a missing, truncated or corrupt file is one SlqError naming it."""
+    w = path / WEIGHTS
+    if not w.is_file():
+        raise SlqError(f"corrupt or incomplete checkpoint {path}: {WEIGHTS} is missing")
+    try:
+        return safe_open(str(w), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise SlqError(f"corrupt checkpoint: cannot read {w} ({str(e).splitlines()[0] if str(e) else e})") from e
+
+
+def verify(path: str | os.PathLike, *, trust_remote_code: bool = False) -> dict[str, QuantSpec]:
+    """Check a checkpoint without dequantizing it; returns its specs, raises SlqError on the first fault.
+
+    For every quantized module the config names: the module exists in the architecture, and
+    ``weight_packed``/``weight_scale``/``weight_shape`` (and ``weight_zero_point`` when asymmetric) are
+    present with the dtype and shape its [N, K] and spec imply (read from the header); ``weight_shape``
+    holds [N, K]; the scales are finite. Every other parameter and persistent buffer of the architecture
+    is present (or tied to one that is) with its shape. Only the scales and shapes are read as data.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    cfg = read_json(path / "config.json", "corrupt checkpoint: its config",
+                    missing=f"{path} is not a checkpoint: config.json is missing")
+    specs = read_specs(cfg)
+    f = _open_weights(path)
+    keys = set(f.keys())
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as e:
+        raise SlqError(f"corrupt checkpoint {path}: its config.json describes no known model "
+                       f"({str(e).splitlines()[0]})") from e
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+    def header(key: str) -> tuple[torch.dtype | str, tuple[int, ...]]:
+        sl = f.get_slice(key)
+        return _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape())
+
+    try:
+        for name, spec in specs.items():
+            try:
+                lin = model.get_submodule(name)
+            except AttributeError as e:
+                raise SlqError(f"checkpoint names module {name}, which the model does not have") from e
+            N, K = lin.out_features, lin.in_features
+            G = spec.effective_group(K)
+            ng = K // G if K % G == 0 else -1
+            want = {"weight_packed": (torch.int32, (N, math.ceil(K * spec.bits / 32))),
+                    "weight_scale": (torch.float16, (N, ng)), "weight_shape": (torch.int64, (2,))}
+            if not spec.symmetric:
+                want["weight_zero_point"] = (torch.int32, (N, ng))
+            for leaf, (dtype, shape) in want.items():
+                key = f"{name}.{leaf}"
+                if key not in keys:
+                    raise SlqError(f"corrupt or incomplete checkpoint: missing tensor {key}")
+                got = header(key)
+                if got != (dtype, shape):
+                    raise SlqError(f"corrupt checkpoint: {key} is {got[0]} {got[1]}, expected {dtype} {shape}")
+            if f.get_tensor(f"{name}.weight_shape").tolist() != [N, K]:
+                raise SlqError(f"corrupt checkpoint: {name}.weight_shape is "
+                               f"{f.get_tensor(f'{name}.weight_shape').tolist()}, the model has [{N}, {K}]")
+            if not torch.isfinite(f.get_tensor(f"{name}.weight_scale")).all():
+                raise SlqError(f"corrupt checkpoint: {name}.weight_scale has NaN/Inf")
+        by_object: dict[int, list[str]] = {}
+        for n, p in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+            by_object.setdefault(id(p), []).append(n)
+        for key, v in model.state_dict().items():
+            mod, _, leaf = key.rpartition(".")
+            if mod in specs and leaf == "weight":
+                continue
+            if key not in keys:
+                tied = [n for ns in by_object.values() if key in ns for n in ns]
+                if any(n in keys for n in tied):
+                    continue
+                raise SlqError(f"corrupt or incomplete checkpoint: missing tensor {key}")
+            dtype, shape = header(key)
+            if shape != tuple(v.shape):
+                raise SlqError(f"corrupt checkpoint: {key} has shape {shape}, the model expects {tuple(v.shape)}")
+            if v.is_floating_point() and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+                raise SlqError(f"corrupt checkpoint: {key} is stored as {dtype}, expected a floating-point type")
+    except SafetensorError as e:  # a tensor's bytes could not be read
+        raise SlqError(f"corrupt checkpoint: cannot read {path / WEIGHTS} ({str(e).splitlines()[0]})") from e
+    return specs
+
+
 def read_report(path: str | os.PathLike) -> dict:
     p = Path(path) / REPORT
     if not p.is_file():
@@ -231,13 +361,11 @@ def load(path: str | os.PathLike, *, backend: str = "reference", device: str = "
 
     ``backend``: reference, triton, humming, or ``auto``. ``auto`` picks per layer for decode at
     ``batch_size`` from a measured kernel table (``table``: a path or dict; default
-    ``$SLQ_KERNEL_TABLE`` or the bench/results file of this GPU) when ``device`` is CUDA, by the
-    rule in :mod:`slq.kernels.choose`; on CPU it is ``reference``. The choice is recorded in
+    ``$SLQ_KERNEL_TABLE`` or the table slq ships for this GPU) when ``device`` is CUDA, by the
+    rule in :mod:`slq.runtime.backends.choose`; on CPU it is ``reference``. The choice is recorded in
     ``model.slq_backends``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .backends import BACKENDS
 
     if backend != "auto" and backend not in BACKENDS:
         raise SlqError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
@@ -255,10 +383,7 @@ def load(path: str | os.PathLike, *, backend: str = "reference", device: str = "
         dtype = getattr(torch, dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
-    try:
-        f = safe_open(str(w_path), framework="pt")
-    except Exception as e:
-        raise SlqError(f"corrupt checkpoint {path}: cannot read {WEIGHTS} ({str(e).splitlines()[0]})") from e
+    f = _open_weights(path)
     keys = set(f.keys())
     for name, spec in specs.items():
         try:
@@ -287,8 +412,6 @@ def load(path: str | os.PathLike, *, backend: str = "reference", device: str = "
     model.to(device).eval()
     if backend == "auto":
         if torch.device(device).type == "cuda":
-            from .backends.choose import choose_backends
-
             model.slq_backends = choose_backends(model, batch_size, table)
         else:
             names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]

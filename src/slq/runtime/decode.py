@@ -28,6 +28,17 @@ length in a CUDA graph and replayed per token (all graphs share one memory pool;
 that outlives a step lives in the engine's own static buffers). On CPU it runs eagerly and, by
 default, attends over exactly ``pos + 1`` positions.
 
+The step functions are named after what they do, as in gpt-fast: :meth:`DecodeEngine.prefill`
+(the prompt), :meth:`DecodeEngine.decode_one_token` (one step on the static buffers) and
+:meth:`DecodeEngine.decode_n_tokens` (the loop, with stopping). With ``compile`` the engine runs
+``torch.compile(decode_one_token, fullgraph=True)`` instead of the eager step: every quantized
+linear is a ``torch.library`` custom op (``slq.runtime.ops``), so nothing breaks the graph, and
+inductor fuses each layer's small work (RMSNorm with the residual add, rotary with the cache
+write, SiLU(gate) x up) into a few kernels. Compiling needs static shapes, so it implies KV
+windows (``kv_block``); one compiled graph serves each window length. On CUDA the compiled step is
+then captured in the engine's own CUDA graph. The eager step stays the oracle: compiled logits
+equal eager ones within the dtype's tolerance (tests/runtime/test_step_compile.py).
+
 Batches: rows must share one prompt length (no padding; give equal-length prompts). Stopping
 follows ``transformers`` generate: when every row has produced an EOS the loop stops (checked
 every ``check_every`` steps on CUDA, every step on CPU), and tokens after a row's first EOS are
@@ -43,21 +54,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import arch
 from ..util.errors import SlqError
 from ..quant.grid import QuantizedWeight
 from .qlinear import QuantLinear
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = arch.DECODE_FAMILIES  # llama, mistral, qwen2, qwen3 (arch's docstring says why not the others)
 _SCALE_FREE_ROPE = ("dynamic", "longrope")  # rope types whose frequencies depend on the sequence length
 
 
 def _family(model) -> str:
-    cfg = getattr(model, "config", None)
-    mt = getattr(cfg, "model_type", None)
-    if mt not in SUPPORTED:
-        raise SlqError(f"the decode engine supports {', '.join(SUPPORTED)} models; got model_type {mt!r} "
-                       f"({type(model).__name__})")
-    return mt
+    why = arch.unsupported(model, "decode")
+    if why:
+        raise SlqError(f"{why} ({type(model).__name__})")
+    return arch.model_type(model)
 
 
 def supports(model) -> bool:
@@ -74,8 +84,7 @@ def _check_structure(model) -> None:
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
     ok = base is not None and isinstance(layers, nn.ModuleList) and len(layers) > 0
-    need = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-            "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+    need = (*arch.family(model).roles(), "input_layernorm", "post_attention_layernorm")
     if ok:
         for n in need:
             try:
@@ -182,10 +191,13 @@ class DecodeEngine:
     None (exact, unpadded attention) otherwise. An int forces windows (testable on CPU).
     ``fuse``: fuse q/k/v and gate/up into one GEMM each ("auto": on CUDA only). Fusion copies those
     weights (the model itself is not modified).
+    ``compile``: False (eager step), True (``torch.compile`` with inductor) or a torch.compile backend
+    (a name: "aot_eager", "inductor", ..., or a backend callable); the step is compiled with ``fullgraph=True``, and
+    ``kv_block`` "auto" becomes 256 (or 16 on CPU) since the compiled step needs static shapes.
     """
 
     def __init__(self, model: nn.Module, *, cuda_graph="auto", kv_block="auto", fuse="auto",
-                 check_every: int | None = None):
+                 check_every: int | None = None, compile: bool | str = False):
         self.family = _family(model)
         _check_structure(model)
         self.model = model
@@ -201,9 +213,16 @@ class DecodeEngine:
         self.cuda_graph = on_cuda if cuda_graph == "auto" else bool(cuda_graph)
         if self.cuda_graph and not on_cuda:
             raise SlqError("cuda_graph=True needs the model on a CUDA device")
-        self.kv_block = (256 if self.cuda_graph else None) if kv_block == "auto" else kv_block
+        self.compile = "inductor" if compile is True else (compile or None)
+        if self.compile is not None and not (isinstance(self.compile, str) or callable(self.compile)):
+            raise SlqError(f"compile must be True, False or a torch.compile backend, got {compile!r}")
+        if kv_block == "auto":
+            kv_block = 256 if self.cuda_graph else (16 if self.compile else None)
+        self.kv_block = kv_block
         if self.cuda_graph and self.kv_block is None:
             raise SlqError("CUDA graphs need static shapes: kv_block cannot be None with cuda_graph=True")
+        if self.compile and self.kv_block is None:
+            raise SlqError("a compiled step needs static shapes: kv_block cannot be None with compile")
         if self.kv_block is not None and (not isinstance(self.kv_block, int) or self.kv_block < 1):
             raise SlqError(f"kv_block must be a positive integer, got {self.kv_block!r}")
         fuse = on_cuda if fuse == "auto" else bool(fuse)
@@ -229,6 +248,13 @@ class DecodeEngine:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
         self.stats = DecodeStats()
+        self._step = self.decode_one_token
+        if self.compile:
+            import torch._dynamo
+
+            # one graph per (buffers, window length): allow as many as a long generation needs
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._step = torch.compile(self.decode_one_token, backend=self.compile, fullgraph=True, dynamic=False)
 
     # ------------------------------------------------------------------ set-up
 
@@ -304,7 +330,7 @@ class DecodeEngine:
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h))[:, -1]  # [B, V] in the model dtype
 
-    def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt [B, T], fill cache positions 0..T-1; logits of the last position."""
         B, T = ids.shape
         h = self.embed(ids)
@@ -321,7 +347,7 @@ class DecodeEngine:
             h = self._mlp(lay, h)
         return self._head(h[:, -1:])
 
-    def _step(self, kv_len: int) -> None:
+    def decode_one_token(self, kv_len: int) -> None:
         """One decode step on the static buffers: reads ids/pos, writes k/v at pos, logits, next,
         then ids <- next and pos <- pos + 1. Attends over cache positions [0, kv_len) masked to <= pos."""
         B = self.batch
@@ -373,9 +399,14 @@ class DecodeEngine:
         torch.cuda.synchronize()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        g = torch.cuda.CUDAGraph()
+        try:
+            g, kept = torch.cuda.CUDAGraph(keep_graph=True), True  # kept: its nodes can be counted (graphs.py)
+        except TypeError:  # a torch without keep_graph
+            g, kept = torch.cuda.CUDAGraph(), False
         with torch.cuda.graph(g, pool=self._pool):  # capture records, it does not run: state unchanged
             self._step(kv_len)
+        if kept:
+            g.instantiate()  # now, not at the first replay (which is timed)
         torch.cuda.synchronize()
         self._graphs[kv_len] = g
         self.stats.capture_s += time.perf_counter() - t0
@@ -383,6 +414,29 @@ class DecodeEngine:
         return g
 
     # ------------------------------------------------------------------ generate
+
+    def decode_n_tokens(self, out: torch.Tensor, T: int, eos_t: torch.Tensor | None) -> int:
+        """Fill ``out[:, 1:]`` ([B, n], column 0 holds prefill's token; the prompt has T tokens) one
+        decode step per column; returns the number of columns made (< n when every row hit EOS)."""
+        n = out.shape[1]
+        done_at = n
+        if eos_t is not None and bool(torch.isin(out[:, :1], eos_t).any(1).all()):
+            done_at = 1
+        self.ids.copy_(out[:, :1])
+        self.pos.fill_(T)
+        i = 1
+        while i < done_at:
+            kv_len = self._window_len(T + i - 1)
+            if self.cuda_graph:
+                self._graph(kv_len).replay()
+            else:
+                self._step(kv_len)
+            out[:, i] = self.next[:, 0]
+            i += 1
+            if eos_t is not None and (i % self.check_every == 0 or i == done_at):
+                if bool(torch.isin(out[:, :i], eos_t).any(1).all()):
+                    done_at = i
+        return done_at
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -411,31 +465,14 @@ class DecodeEngine:
 
         self._sync()
         t0 = time.perf_counter()
-        logits = self._prefill(ids)
+        logits = self.prefill(ids)
         out[:, 0] = logits.argmax(-1)
         self.logits.copy_(logits)
         self._sync()
         st.prefill_s = time.perf_counter() - t0
 
-        done_at = n
-        if eos_t is not None and bool(torch.isin(out[:, :1], eos_t).any(1).all()):
-            done_at = 1
-        self.ids.copy_(out[:, :1])
-        self.pos.fill_(T)
         t0 = time.perf_counter()
-        i = 1
-        while i < done_at:
-            kv_len = self._window_len(T + i - 1)
-            if self.cuda_graph:
-                g = self._graph(kv_len)
-                g.replay()
-            else:
-                self._step(kv_len)
-            out[:, i] = self.next[:, 0]
-            i += 1
-            if eos_t is not None and (i % self.check_every == 0 or i == done_at):
-                if bool(torch.isin(out[:, :i], eos_t).any(1).all()):
-                    done_at = i
+        done_at = self.decode_n_tokens(out, T, eos_t)
         self._sync()
         st.decode_s = time.perf_counter() - t0 - (st.capture_s if self.cuda_graph else 0.0)
         st.decode_steps = done_at - 1

@@ -7,11 +7,11 @@ How it is built (``build_bank``):
 - The reference model runs layer by layer on the calibration windows. For each decoder layer the
   inputs of its linears are caught and Hessians ``H = 2/n X^T X`` accumulated (linears sharing an
   input share one; with ``attention`` a key or value projection gets one attention-weighted Hessian
-  per key/value head instead, see :mod:`slq.calib`). The inputs come from the *unquantized* layers
+  per key/value head instead, see :mod:`slq.quant.calib`). The inputs come from the *unquantized* layers
   before it, so every unit's entry is independent of how the other units end up quantized: any
   allocation can be assembled from the same bank (unlike sequential GPTQ, whose layer l depends on the bits chosen upstream).
 - GPTQ: one Cholesky factor per Hessian; all linears sharing it and all candidate bitwidths are
-  solved in one pass over the columns (:func:`slq.gptq.gptq_quantize_many`), which gives each
+  solved in one pass over the columns (:func:`slq.quant.gptq.gptq_quantize_many`), which gives each
   bitwidth exactly the codes of a separate run. RTN on request (Hessians are still taken, for the
   error statistics below).
 - Per unit and bitwidth it records the relative output error
@@ -21,8 +21,9 @@ How it is built (``build_bank``):
 Storage (``workdir``): one safetensors file per decoder layer holding the packed codes, scales
 and zero points of every member at every bitwidth (the checkpoint's own packing, so b/8 bytes
 per weight), plus ``bank.json`` with the settings fingerprint and the error statistics. Each
-layer file is written to a temporary name and renamed, and ``bank.json`` is rewritten after each
-layer: an interrupted build resumes at the first missing layer, and the same inputs give
+layer file is written to a temporary name, fsync'ed and renamed, and ``bank.json`` (with each layer
+file's size and sha256) is rewritten the same way after each layer: an interrupted build resumes at
+the first layer whose file is missing or does not match its record, and the same inputs give
 bit-identical files. A work directory built with other settings is refused, not mixed.
 """
 
@@ -34,22 +35,48 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..quant.calib import (capture_layer0_inputs, collect_hessians, decoder_layers, eager_attention, layer_linears,
-                    run_layer)
-from ..util.errors import SlqError
-from ..quant.gptq import factor, gptq_quantize_many, join_rows, output_error, row_pieces
-from ..quant.grid import QuantizedWeight, quantize_rtn
-from ..util.progress import progress_bar
+                           run_layer)
+from ..quant.config import QuantConfig
+from ..quant.grid import QuantizedWeight
+from ..quant.solve import layer_weights, solve_layer
 from ..quant.spec import QuantSpec, resolve_group_size
 from ..quant.units import KEEP_BITS, Unit
+from ..runtime.checkpoint import pack_weight, unpack_weight
+from ..util.atomic import replace_file
+from ..util.errors import SlqError
+from ..util.jsonio import read_json
+from ..util.progress import progress_bar
 
-BANK_VERSION = 3  # 2: two-level GPTQ updates (codes can differ from version 1 at rounding ties); 3: attention-aware key/value Hessians
+BANK_VERSION = 4  # 2: two-level GPTQ updates (codes can differ from version 1 at rounding ties); 3: attention-aware key/value Hessians; 4: the fingerprint hashes the weight bytes, bank.json records each layer file
 META = "bank.json"
+
+
+_HASH_CHUNK = 1 << 26
+
+
+def _file_record(path: Path) -> dict:
+    """Size and sha256 of a written layer file (what ``bank.json`` keeps to check a resumed layer)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _layer_complete(workdir: Path, i: int, meta: dict) -> bool:
+    """Layer ``i``'s file is there, with the size and sha256 ``bank.json`` recorded when it was written."""
+    rec = meta.get("files", {}).get(str(i))
+    path = _layer_file(workdir, i)
+    if rec is None or not path.is_file() or path.stat().st_size != rec.get("size"):
+        return False
+    return _file_record(path)["sha256"] == rec.get("sha256")
 
 
 def _layer_file(workdir: Path, i: int) -> Path:
@@ -57,17 +84,21 @@ def _layer_file(workdir: Path, i: int) -> Path:
 
 
 def fingerprint(model: nn.Module, windows: torch.Tensor | None, settings: dict) -> str:
-    """Hash of what the bank depends on: settings, calibration tokens and the weights themselves."""
+    """sha256 of what the bank depends on: the settings, the calibration tokens and every parameter's
+    name, dtype, shape and bytes. Any change to any weight (one bit, or two rows swapped) changes it;
+    the bytes are exact, so it is the same for any device or thread count. The tensors are hashed
+    from CPU copies of ``_HASH_CHUNK`` bytes at a time (no second copy of the model; sha256 runs at
+    about 1-2 GB/s, so seconds for an 8B model)."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     if windows is not None:
         h.update(windows.to(torch.int64).cpu().numpy().tobytes())
     for name, p in model.named_parameters():
-        # Integer sums of the fp32 bit patterns: exact and order-free, so the hash is the same for any
-        # thread count or device (a float sum is not: its rounding depends on the reduction order).
-        x = p.detach().float().flatten().view(torch.int32).to(torch.int64)
-        stats = torch.stack([x.sum(), x[:: max(1, x.numel() // 997)].sum(), (x * x.remainder(7)).sum()])
-        h.update(name.encode())
-        h.update(stats.cpu().numpy().tobytes())
+        x = p.detach()
+        h.update(f"{name}|{x.dtype}|{tuple(x.shape)}|".encode())
+        flat = x.reshape(-1)
+        step = max(1, _HASH_CHUNK // max(1, x.element_size()))
+        for s in range(0, flat.numel(), step):
+            h.update(flat[s:s + step].cpu().contiguous().view(torch.uint8).numpy())
     return h.hexdigest()[:32]
 
 
@@ -76,7 +107,6 @@ class Bank:
     """Quantized weights of every unit at every bitwidth, plus the original weights.
 
     ``t[unit][bits]``: relative output error of the unit at that bitwidth (0 at 16).
-    ``weight_error[unit][bits]``: relative weight error ``||dW||^2 / ||W||^2``.
     """
 
     workdir: Path
@@ -86,7 +116,6 @@ class Bank:
     symmetric: bool
     method: str
     t: dict[str, dict[int, float]]
-    weight_error: dict[str, dict[int, float]]
     original: dict[str, torch.Tensor]  # member -> fp32 weight of the reference
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"  # where entries are unpacked and dequantized (the model's device)
@@ -105,8 +134,6 @@ class Bank:
         return self._tensors[i]
 
     def qweight(self, unit: Unit, member: str, bits: int) -> QuantizedWeight:
-        from ..runtime.checkpoint import unpack_weight
-
         if bits not in self.bitwidths:
             raise SlqError(f"bitwidth {bits} is not in the bank ({self.bitwidths})")
         t = self._layer(unit.layer)
@@ -120,9 +147,6 @@ class Bank:
         if bits == KEEP_BITS:
             return self.original[member].to(self.device).half().float()
         return self.qweight(unit, member, bits).dequantize()
-
-    def reference_weight(self, member: str) -> torch.Tensor:
-        return self.original[member]
 
     def _state(self, model: nn.Module) -> dict:
         # what each unit of `model` currently holds ("ref" = exact reference weights), so that applying an
@@ -185,44 +209,37 @@ def build_bank(
     units: list[Unit],
     windows: torch.Tensor | None,
     workdir: str | os.PathLike,
+    config: QuantConfig,
     *,
-    bitwidths: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8),
-    group_size: int | None = 128,
-    symmetric: bool = False,
-    method: str = "gptq",
-    clip: bool = True,
-    damp: float = 0.01,
-    attention: bool = True,
-    act_order: bool = True,
-    batch_size: int = 8,
-    device: str = "cpu",
+    bitwidths: tuple[int, ...],
     progress: bool = True,
 ) -> Bank:
     """Quantize every unit at every bitwidth (resuming from ``workdir`` when it holds a partial bank).
 
-    ``model`` is the reference; its weights are left untouched. ``bitwidths`` are the quantized
-    candidates (2..8); "keep in 16-bit" needs no bank entry. ``attention``: key and value projections get
-    attention-aware Hessians (one per key/value head, :mod:`slq.calib`), for GPTQ and for the error
-    statistics.
+    ``model`` is the reference; its weights are left untouched. ``config`` gives the grid (group size,
+    symmetry), the method and GPTQ's options, the batch size and the device (its ``bits`` is unused).
+    ``bitwidths`` are the quantized candidates (2..8); "keep in 16-bit" needs no bank entry. With
+    ``config.attention`` key and value projections get attention-aware Hessians (one per key/value head,
+    :mod:`slq.quant.calib`), for GPTQ and for the error statistics.
     """
     bitwidths = tuple(sorted(set(int(b) for b in bitwidths)))
+    group_size, symmetric, method, attention = config.group_size, config.symmetric, config.method, config.attention
     for b in bitwidths:
         QuantSpec(b, group_size, symmetric)  # validates
-    if method not in ("gptq", "rtn"):
-        raise SlqError(f"unknown method {method!r}; choose gptq or rtn")
     if windows is None or len(windows) == 0:
         raise SlqError("the bank needs calibration windows (Hessians for GPTQ and the error statistics)")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    settings = _settings(units, bitwidths, group_size, symmetric, method, clip, damp, attention)
-    act_order = bool(act_order) and method == "gptq"
-    if act_order:  # only when on, so the fingerprints of banks built before the option stay valid
+    settings = _settings(units, bitwidths, group_size, symmetric, method, config.clip, config.damp, attention)
+    if config.act_order:  # only when on, so the fingerprints of banks built before the option stay valid
         settings["act_order"] = True
     fp = fingerprint(model, windows, settings)
     meta_path = workdir / META
     meta = {"fingerprint": fp, "settings": settings, "layers": {}}
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())
+        old = read_json(meta_path, "the bank's record")
+        if not isinstance(old, dict) or not isinstance(old.get("layers"), dict):
+            raise SlqError(f"{meta_path} is not a bank record; use another --workdir or delete it")
         if old.get("fingerprint") != fp:
             raise SlqError(f"work directory {workdir} holds a bank built with other settings, data or model; "
                            "use another --workdir or delete it")
@@ -237,113 +254,79 @@ def build_bank(
                 for u in units for m in u.members}
 
     t0 = time.perf_counter()
-    todo = [i for i in sorted(by_layer) if str(i) not in meta["layers"] or not _layer_file(workdir, i).exists()]
+    # a layer is resumed only if its file is complete (size and sha256 as recorded), else it is rebuilt
+    todo = [i for i in sorted(by_layer) if str(i) not in meta["layers"] or not _layer_complete(workdir, i, meta)]
     parts: dict[str, float] = {}
     with eager_attention(model, attention and bool(todo)), progress_bar(progress) as bar:
-        batches = capture_layer0_inputs(model, windows, batch_size, device) if todo else []
+        batches = capture_layer0_inputs(model, windows, config.batch_size, config.device) if todo else []
         task = bar.add_task(f"bank ({method.upper()}, {len(bitwidths)} bitwidths)", total=len(layers))
         for i, layer in enumerate(layers):
             if not todo or i > max(todo):
                 bar.advance(task, len(layers) - i)
                 break
             if i in todo and i in by_layer:
-                meta["layers"][str(i)], lt = _bank_layer(layer, i, prefix, by_layer[i], batches, workdir, bitwidths,
-                                                         group_size, symmetric, method, clip, damp, device,
-                                                         attention, act_order)
-                for k, v in lt.items():
+                built = _bank_layer(layer, i, by_layer[i], batches, workdir, config, bitwidths, prefix)
+                meta["layers"][str(i)] = built.stats
+                meta.setdefault("files", {})[str(i)] = _file_record(_layer_file(workdir, i))
+                for k, v in built.timings.items():
                     parts[k] = parts.get(k, 0.0) + v
                 tmp = meta_path.with_suffix(".json.tmp")
                 tmp.write_text(json.dumps(meta, indent=1))
-                os.replace(tmp, meta_path)
+                replace_file(tmp, meta_path)
             if i + 1 < len(layers):
                 batches = run_layer(layer, batches)
             bar.advance(task)
 
     t = {u.name: {int(b): v for b, v in meta["layers"][str(u.layer)][u.name]["t"].items()} for u in units}
-    we = {u.name: {int(b): v for b, v in meta["layers"][str(u.layer)][u.name]["weight_error"].items()} for u in units}
     for u in units:
         t[u.name][KEEP_BITS] = 0.0
-        we[u.name][KEEP_BITS] = 0.0
-    return Bank(workdir, units, bitwidths, group_size, symmetric, method, t, we, original,
-                timings={"bank_s": time.perf_counter() - t0, "layers_built": len(todo), **parts}, device=str(device))
+    return Bank(workdir, units, bitwidths, group_size, symmetric, method, t, original,
+                timings={"bank_s": time.perf_counter() - t0, "layers_built": len(todo), **parts},
+                device=str(config.device))
 
 
-def _bank_layer(layer, i, prefix, units, batches, workdir, bitwidths, group_size, symmetric, method, clip,
-                damp, device, attention, act_order=False) -> dict:
-    from ..runtime.checkpoint import pack_weight
+class LayerBank(NamedTuple):
+    """What one decoder layer adds to the bank: its units' statistics as ``bank.json`` stores them
+    (unit -> ``{"t": {bits: t(b)}}``) and where the time went."""
 
+    stats: dict[str, dict[str, dict[str, float]]]
+    timings: dict[str, float]
+
+
+def _bank_layer(layer: nn.Module, i: int, units: list[Unit], batches: list, workdir: Path, config: QuantConfig,
+                bitwidths: tuple[int, ...], prefix: str) -> LayerBank:
+    """Quantize the units of decoder layer ``i`` at every bitwidth (:func:`slq.quant.solve.solve_layer`),
+    write their packed entries to the layer's file and return their error statistics."""
     t_start = time.perf_counter()
     rel = layer_linears(layer)
     members = [m for u in units for m in u.members]
     relname = {m: m[len(f"{prefix}.{i}."):] for m in members}
-    hessians = collect_hessians(layer, batches, [relname[m] for m in members], attention=attention)
-    W = {m: rel[relname[m]].weight.detach().float() for m in members}
-    for m, w in W.items():
-        if not torch.isfinite(w).all():
-            raise SlqError(f"weight {m}.weight contains NaN or Inf values")
-    q: dict[tuple[str, int], QuantizedWeight] = {}
-    K_of = {m: W[m].shape[1] for m in members}
-    # Row pieces with their own Hessian (a key/value projection: one per key/value head when attention-aware);
-    # pieces sharing a Hessian (q/k; gate/up) are stacked and solved in one pass at every bitwidth.
-    pieces = row_pieces({m: hessians[relname[m]] for m in members}, {m: W[m].shape[0] for m in members})
-    stacks: dict[int, list[tuple[str, int, int, object]]] = {}
-    for pc in pieces:
-        stacks.setdefault(id(pc[3]), []).append(pc)
-    parts: dict[tuple[str, int], list[tuple[int, QuantizedWeight]]] = {}
-    H_of: dict[tuple[str, int], torch.Tensor] = {}  # (member, first row) -> Hessian used for its errors
-    for key, ps in stacks.items():
-        acc = ps[0][3]
-        G = resolve_group_size(K_of[ps[0][0]], group_size)[0]
-        specs = [QuantSpec(b, G, symmetric) for b in bitwidths]
-        Ws = torch.cat([W[m][r0:r1] for m, r0, r1, _ in ps])
-        if method == "gptq":
-            fac = factor(acc.H, damp)
-            res = gptq_quantize_many(Ws.to(device), fac, specs, clip=clip, act_order=act_order)
-            H = fac.H
-        else:
-            res = [quantize_rtn(Ws, s, clip=clip) for s in specs]
-            H = acc.H
-        for b, r in zip(bitwidths, res):
-            row = 0
-            for m, r0, r1, _ in ps:
-                n = r1 - r0
-                parts.setdefault((m, b), []).append(
-                    (r0, QuantizedWeight(r.codes[row:row + n], r.scale[row:row + n], r.zero[row:row + n], r.spec)))
-                row += n
-        for m, r0, _, _ in ps:
-            H_of[(m, r0)] = H
-    for (m, b), lst in parts.items():
-        q[(m, b)] = join_rows(lst)
-    blocks_of = {m: [(r0, r1, H_of[(m, r0)]) for mm, r0, r1, _ in pieces if mm == m] for m in members}
+    hessians = collect_hessians(layer, batches, [relname[m] for m in members], attention=config.attention)
+    W = layer_weights({m: rel[relname[m]] for m in members})
+    specs = {m: tuple(QuantSpec(b, resolve_group_size(W[m].shape[1], config.group_size)[0], config.symmetric)
+                      for b in bitwidths) for m in members}
+    solved = solve_layer(W, specs, config, {m: hessians[relname[m]] for m in members})
     t_stats = time.perf_counter()
     # Error statistics and packing run where the layer runs (a GPU for large models); only the packed
     # tensors travel to the host for the file.
     tensors = {}
     stats = {}
-    def err_of(m, W_hat):
-        Wm = W[m].to(W_hat.device)
-        return sum(output_error(Wm[r0:r1], W_hat[r0:r1], H) for r0, r1, H in blocks_of[m])
-
     for u in units:
-        base = sum(err_of(m, torch.zeros_like(W[m])) for m in u.members)
-        wnorm = sum(float(W[m].double().pow(2).sum()) for m in u.members)
-        st = {"t": {}, "weight_error": {}}
-        for b in bitwidths:
-            err = werr = 0.0
+        base = sum(solved[m].output_error(W[m], torch.zeros_like(W[m])) for m in u.members)
+        t = {}
+        for k, b in enumerate(bitwidths):
+            err = 0.0
             for m in u.members:
-                Wm = W[m].to(q[(m, b)].codes.device)
-                W_hat = q[(m, b)].dequantize()
-                err += err_of(m, W_hat)
-                werr += float((Wm.double() - W_hat.double()).pow(2).sum())
-                for k, v in pack_weight(q[(m, b)]).items():
-                    tensors[f"{m}.b{b}.{k}"] = v.cpu()
-            st["t"][str(b)] = err / max(base, 1e-30)
-            st["weight_error"][str(b)] = werr / max(wnorm, 1e-30)
-        stats[u.name] = st
+                q = solved[m].qweights[k]
+                err += solved[m].output_error(W[m], q.dequantize())
+                for name, v in pack_weight(q).items():
+                    tensors[f"{m}.b{b}.{name}"] = v.cpu()
+            t[str(b)] = err / max(base, 1e-30)
+        stats[u.name] = {"t": t}
     t_save = time.perf_counter()
     path = _layer_file(workdir, i)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"producer": "slq bank"})
-    os.replace(tmp, path)
-    return stats, {"hessian_gptq_s": t_stats - t_start, "stats_pack_s": t_save - t_stats,
-                   "save_s": time.perf_counter() - t_save}
+    replace_file(tmp, path)  # fsync'ed before the rename: a renamed layer file is a complete one
+    return LayerBank(stats, {"hessian_gptq_s": t_stats - t_start, "stats_pack_s": t_save - t_stats,
+                             "save_s": time.perf_counter() - t_save})

@@ -2,26 +2,44 @@
 
 The CLI builds a :class:`SearchConfig` from its flags; :func:`slq.search.search`, the session and the
 targets read it. Each default is declared here once and validated once; a bad value raises
-:class:`ConfigError` naming the field.
+:class:`ConfigError` naming the field. :meth:`SearchConfig.from_settings` builds one from flat keyword
+settings (those of :class:`QuantConfig`, except its ``bits``, go into ``.quant``; ``bits`` is the search's
+budget), the form :func:`slq.search.search` also accepts.
+
+Two defaults are derived from other fields: ``probe_bits`` (4, or the candidate nearest to it) and
+``confirm_windows`` (as many as ``verify_windows``). They are resolved at construction, and :meth:`with_`
+derives them again from the new settings unless they were given explicitly.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from .estimators import ESTIMATORS
+from .targets import ANCHOR_BITS, TARGETS
 from ..quant.config import QuantConfig
 from ..quant.units import KEEP_BITS
 from ..util.errors import ConfigError
 
-TARGETS = ("dl", "tl", "bits")
 UNIT_MODES = ("fused", "linear")
 DEFAULT_BITWIDTHS = (2, 3, 4, 5, 6, 7, 8, 16)
-DEFAULT_TASKS = ("piqa", "arc_easy", "hellaswag", "winogrande")
+QUANT_FIELDS = frozenset(f.name for f in fields(QuantConfig)) - {"bits"}  # flat settings that go into .quant
+SEARCH_CALIB_SAMPLES = 32  # the search's calibration windows (a uniform quantization's default is larger)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _ints(name: str, v) -> tuple[int, ...]:
+    if isinstance(v, (str, bytes)):
+        raise ConfigError(name, f"{{field}} must be a sequence of integers, got {v!r}")
     try:
         out = tuple(int(x) for x in v)
     except (TypeError, ValueError):
@@ -62,7 +80,7 @@ class SearchConfig:
     :param workdir: bank and sensitivity cache (``None``: under the slq cache, keyed by the settings).
     """
 
-    quant: QuantConfig = field(default_factory=lambda: QuantConfig(calib_samples=32))
+    quant: QuantConfig = field(default_factory=lambda: QuantConfig(calib_samples=SEARCH_CALIB_SAMPLES))
     target: str = "dl"
     ear: float = 0.99
     recovery: float = 0.99
@@ -87,10 +105,9 @@ class SearchConfig:
     baselines: tuple[int, ...] | None = None
     frontier: bool = True
     workdir: str | Path | None = None
+    _derived: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from .estimators import ESTIMATORS  # the registry (search-internal)
-
         if not isinstance(self.quant, QuantConfig):
             raise ConfigError("quant", f"{{field}} must be a QuantConfig, got {type(self.quant).__name__}")
         if self.target not in TARGETS:
@@ -98,23 +115,22 @@ class SearchConfig:
         if self.target == "bits":
             if self.bits is None:
                 raise ConfigError("bits", "target 'bits' needs a bits-per-parameter budget ({field})")
-        if self.bits is not None and not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits)
-                                          and self.bits > 0):
+        if self.bits is not None and not (_is_num(self.bits) and self.bits > 0):
             raise ConfigError("bits", f"{{field}} must be a finite positive number, got {self.bits!r}")
-        if not (isinstance(self.ear, (int, float)) and 0 < self.ear < 1):
+        if not (_is_num(self.ear) and 0 < self.ear < 1):
             raise ConfigError("ear", f"{{field}} must be in (0, 1), got {self.ear}")
-        if not (isinstance(self.recovery, (int, float)) and 0 < self.recovery <= 1):
+        if not (_is_num(self.recovery) and 0 < self.recovery <= 1):
             raise ConfigError("recovery", f"{{field}} must be in (0, 1], got {self.recovery}")
-        if not (isinstance(self.tolerance, (int, float)) and 0 <= self.tolerance < 1):
+        if not (_is_num(self.tolerance) and 0 <= self.tolerance < 1):
             raise ConfigError("tolerance", f"{{field}} must be in [0, 1), got {self.tolerance}")
         bw = tuple(sorted(set(_ints("bitwidths", self.bitwidths))))
         quant_bits = tuple(b for b in bw if b != KEEP_BITS)
         if not quant_bits or any(not 2 <= b <= 8 for b in quant_bits):
             raise ConfigError("bitwidths", f"{{field}} must be values in 2..8 (and 16 for 'keep'), got {list(bw)}")
         object.__setattr__(self, "bitwidths", bw)
-        if self.target == "tl" and 4 not in quant_bits:
-            raise ConfigError("bitwidths", "the task-lossless target calibrates at a uniform 4-bit anchor: "
-                                           "include 4 in {field}")
+        if self.target == "tl" and ANCHOR_BITS not in quant_bits:
+            raise ConfigError("bitwidths", f"the task-lossless target calibrates at a uniform {ANCHOR_BITS}-bit "
+                                           f"anchor: include {ANCHOR_BITS} in {{field}}")
         if self.units not in UNIT_MODES:
             raise ConfigError("units", f"{{field}} must be one of {', '.join(UNIT_MODES)}, got {self.units!r}")
         if self.estimator not in ESTIMATORS:
@@ -123,15 +139,18 @@ class SearchConfig:
         for name, lo in (("max_rounds", 1), ("sens_windows", 1), ("verify_windows", 1), ("orderings", 1),
                          ("fisher_draws", 1)):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            if not _is_int(v) or v < lo:
                 raise ConfigError(name, f"{{field}} must be an integer >= {lo}, got {v!r}")
         if self.sens_windows > self.quant.calib_samples:
             raise ConfigError("sens_windows", f"{{field}} ({self.sens_windows}) must be <= the calibration windows "
                                               f"({self.quant.calib_samples})")
-        if self.sens_seq_len is not None and not 2 <= self.sens_seq_len <= self.quant.seq_len:
+        if self.sens_seq_len is not None and not (_is_int(self.sens_seq_len)
+                                                  and 2 <= self.sens_seq_len <= self.quant.seq_len):
             raise ConfigError("sens_seq_len", f"{{field}} must be in 2..{self.quant.seq_len}, got {self.sens_seq_len}")
+        derived = {name for name in ("probe_bits", "confirm_windows") if getattr(self, name) is None}
+        object.__setattr__(self, "_derived", frozenset(derived))
         cw = self.verify_windows if self.confirm_windows is None else self.confirm_windows
-        if not isinstance(cw, int) or cw < 0:
+        if not _is_int(cw) or cw < 0:
             raise ConfigError("confirm_windows", f"{{field}} must be >= 0 (0: no confirmation), got {cw!r}")
         object.__setattr__(self, "confirm_windows", cw)
         pb = self.probe_bits
@@ -144,8 +163,10 @@ class SearchConfig:
         if self.baselines is not None:
             object.__setattr__(self, "baselines", _ints("baselines", self.baselines))
         if self.tasks is not None:
+            if isinstance(self.tasks, str) or not all(isinstance(t, str) for t in self.tasks):
+                raise ConfigError("tasks", f"{{field}} must be a sequence of task names, got {self.tasks!r}")
             object.__setattr__(self, "tasks", tuple(self.tasks))
-        if self.task_limit is not None and (not isinstance(self.task_limit, int) or self.task_limit < 1):
+        if self.task_limit is not None and (not _is_int(self.task_limit) or self.task_limit < 1):
             raise ConfigError("task_limit", f"{{field}} must be an integer >= 1, got {self.task_limit!r}")
 
     @property
@@ -157,10 +178,26 @@ class SearchConfig:
     def allow16(self) -> bool:
         return KEEP_BITS in self.bitwidths
 
+    @classmethod
+    def from_settings(cls, base: "SearchConfig | None" = None, **settings) -> "SearchConfig":
+        """``base`` (default: all defaults) with flat keyword ``settings`` of both configs applied."""
+        return (base or cls()).with_(**settings)
+
     def with_(self, **changes) -> "SearchConfig":
+        """A copy with ``changes`` (validated again). :class:`QuantConfig`'s fields (except ``bits``) go into
+        ``.quant``; the derived defaults follow the new settings unless they were given explicitly."""
+        quant = {k: changes.pop(k) for k in list(changes) if k in QUANT_FIELDS}
+        unknown = sorted(set(changes) - {f.name for f in fields(self) if f.init})
+        if unknown:
+            raise TypeError(f"unknown search setting(s): {', '.join(unknown)}")
+        if quant:
+            changes["quant"] = changes.get("quant", self.quant).with_(**quant)
+        for name in self._derived:
+            changes.setdefault(name, None)
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("_derived")
         d["workdir"] = None if self.workdir is None else str(self.workdir)
         return d

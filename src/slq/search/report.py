@@ -1,5 +1,10 @@
-"""Human-readable outputs of a bit search: a Markdown report and two PNG plots (matplotlib).
+"""What a bit search reports: the report dict (:func:`build_search_report`), a Markdown page and two PNG plots.
 
+- :func:`build_search_report` turns a session and one target's result into the JSON report: the settings, the
+  final allocation, its predicted and measured fidelity, bits per parameter (scales and zeros included; units
+  kept in 16-bit count 16), every round, the sensitivities and the EAR map, baselines and frontier, timings.
+  Bits per parameter is the exact storage of the allocation divided by the allocatable parameters, so it
+  equals what the checkpoint holds.
 - ``allocation.png``: the allocation as a heat map, decoder layer x unit kind, colour = bits.
 - ``frontier.png``: EAR and KL vs bits per parameter: the measured search result(s), the measured
   uniform baselines (same verification windows), and the predicted frontier of the sensitivities.
@@ -8,8 +13,114 @@
 from __future__ import annotations
 
 import io
+import time
+from typing import TYPE_CHECKING
+
+from ..measure.data import GENERATED
+from ..quant.grid import gamma_stats
+from ..quant.pipeline import build_report, other_params
+from ..quant.spec import LayerPlan, Plan, QuantSpec, resolve_group_size
+from ..quant.units import KEEP_BITS
+
+if TYPE_CHECKING:  # annotations only: the session imports this module
+    from .session import SearchSession
 
 KIND_ORDER = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")
+
+
+def fid_summary(fid) -> dict:
+    """The part of a :class:`~slq.measure.fidelity.Fidelity` a search round records."""
+    d = fid.to_dict()
+    return {"ear": {"mean": d["ear"]["mean"], "ci95": d["ear"]["ci95"]},
+            "ear_top10": {"mean": d["ear_top10"]["mean"], "ci95": d["ear_top10"]["ci95"]},
+            "kl": {"mean": d["kl"]["mean"], "p99": d["kl"]["p99"]}, "top1": d["top1"],
+            "ppl_ratio": d["ppl"]["ratio"], "ppl": d["ppl"], "n_tokens": d["n_tokens"]}
+
+
+def _plan(session: "SearchSession", alloc: dict[str, int]) -> Plan:
+    """The quantized linears of an allocation (units kept in 16-bit are not in it)."""
+    q = session.config.quant
+    plan, mods = Plan(), dict(session.model.named_modules())
+    for u in session.units:
+        bu = alloc[u.name]
+        if bu == KEEP_BITS:
+            continue
+        for m in u.members:
+            N, K = mods[m].weight.shape
+            g, note = resolve_group_size(K, q.group_size)
+            lp = LayerPlan(m, N, K, QuantSpec(bu, g, q.symmetric), q.group_size, note, q.method)
+            lp.gamma_mean, lp.gamma2_mean = gamma_stats(session.bank.original[m], lp.spec.effective_group(K))
+            lp.metrics["unit"] = u.name
+            lp.metrics["rel_output_error_unit"] = session.bank.t[u.name][bu]
+            plan.add(lp)
+    return plan
+
+
+def _settings(session: "SearchSession", target: str) -> dict:
+    c = session.config
+    return {"search": True, "bits": None, "target": target, "estimator": session.sens.estimator, "units": c.units,
+            "bitwidths": list(c.bitwidths), "sens_windows": int(session.sens_w.shape[0]),
+            "sens_seq_len": int(session.sens_w.shape[1]), "verify_windows": c.verify_windows,
+            "confirm_windows": c.confirm_windows,
+            "verify_data": c.verify_data or "calibration source, windows after the calibration ones",
+            "probe_bits": list(c.probe_bits), "orderings": c.orderings, "fisher_draws": c.fisher_draws,
+            "attention_hessians": c.quant.attention, "act_order": c.quant.act_order, "damp": c.quant.damp,
+            "workdir": str(session.workdir)}
+
+
+def _timings(session: "SearchSession", result: dict) -> dict:
+    timings = dict(session.timings)
+    for k in ("solve_s", "verify_s", "anchor_s", "confirm_s"):
+        if k in result["timings"]:
+            timings[k] = result["timings"][k]
+    timings["total_s"] = time.perf_counter() - session.t_start
+    return timings
+
+
+def build_search_report(session: "SearchSession", result: dict, baselines: list[dict], frontier: list[dict]) -> dict:
+    """The search's JSON report for one target's ``result`` (from :meth:`SearchSession.run`)."""
+    q = session.config.quant
+    final = result["final"]
+    alloc = final["allocation"]
+    plan = _plan(session, alloc)
+    report = build_report(session.model, session.path, plan, QuantSpec(max(session.quant_bits), q.group_size,
+                                                                       q.symmetric),
+                          method=q.method, calib=q.calib or GENERATED, calib_samples=q.calib_samples,
+                          seq_len=q.seq_len, clip=q.clip, seed=q.seed, device=q.device)
+    report["settings"].update(_settings(session, result["target"]["kind"]))
+    total = session.storage_bits(alloc)
+    other = other_params(session.model, {m for u in session.units for m in u.members})
+    n_other = sum(n for n, _ in other.values())
+    n = session.n_params
+    sens = session.sens
+    report.update({
+        "target": result["target"],
+        "verified": result["accepted"] is not None,
+        "bits_per_param": total / n,
+        "bits_per_param_model": (total + sum(k * bb for k, bb in other.values())) / (n + n_other),
+        "bits_per_param_quantized_only": plan.bits_per_param() if len(plan) else None,
+        "n_params_allocated": n,
+        "n_params_kept_16bit": sum(u.n_params for u in session.units if alloc[u.name] == KEEP_BITS),
+        "predicted": final["predicted"],
+        "measured": final["measured"],
+        "confirmed": final.get("confirmation"),
+        "confirmation": result.get("confirmation"),
+        "allocation": alloc,
+        "bits_histogram": {str(b): sum(u.n_params for u in session.units if alloc[u.name] == b) / n
+                           for b in session.choices},
+        "rounds": result["rounds"],
+        "anchor": result["anchor"],
+        "ear_map": session.emap.to_dict(),
+        "sensitivity": {"estimator": sens.estimator, "seconds": sens.seconds, "forward_calls": sens.forward_calls,
+                        "details": sens.details, "uniform_check": session.uniform_sens,
+                        "kl": {u: {str(b): v for b, v in d.items()} for u, d in sens.kl.items()}},
+        "baselines": baselines,
+        "frontier": frontier,
+        "units": [{"name": u.name, "layer": u.layer, "kind": u.kind, "members": list(u.members),
+                   "n_params": u.n_params, "K": u.K} for u in session.units],
+        "timings": _timings(session, result),
+    })
+    return report
 
 
 def _kinds(report: dict) -> list[str]:

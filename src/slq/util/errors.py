@@ -13,8 +13,8 @@ class ConfigError(SlqError):
 
     def __init__(self, field: str, template: str):
         self.field, self.template = field, template
-        super().__init__(template.format(field=field))
+        super().__init__(template.replace("{field}", field))
 
     def render(self, names: dict[str, str]) -> str:
         """The message with the field spelled as ``names`` spells it (e.g. a CLI flag)."""
-        return self.template.format(field=names.get(self.field, self.field))
+        return self.template.replace("{field}", names.get(self.field, self.field))

@@ -1,12 +1,21 @@
-"""Report files: JSON written atomically (temporary file, then rename), and read with one clear error."""
+"""Report files: JSON written atomically and durably, and read with one clear error.
+
+A write goes to a temporary sibling, is fsync'ed, given the umask's mode (0644 usually, not
+mkstemp's 0600) and renamed over the target (:func:`slq.util.atomic.atomic_file`), so a reader
+sees the old file or the new one, never half of one. Non-finite floats are written as ``null``
+(strict JSON). A read that fails (missing, unreadable, not JSON) raises one :class:`SlqError`
+that names the file.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_file
+from .errors import SlqError
 
 
 def _clean(o):
@@ -22,15 +31,8 @@ def _clean(o):
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(data), f, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        json.dump(_clean(data), f, indent=2, default=str)
     return path
 
 
@@ -38,12 +40,12 @@ def read_json(path: str | os.PathLike, what: str, missing: str | None = None):
     """The parsed JSON of ``path``; a missing file or bad JSON raises :class:`SlqError` naming ``what``.
 
     ``missing`` replaces the message for a missing file."""
-    from .errors import SlqError
-
     p = Path(path)
     if not p.is_file():
         raise SlqError(missing or f"{what} {p} does not exist")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SlqError(f"{what} {p} is not JSON ({e})") from e
+    except OSError as e:
+        raise SlqError(f"cannot read {what} {p}: {e.strerror or e}") from e

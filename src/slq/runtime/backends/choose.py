@@ -20,59 +20,24 @@ The rule, for a layer with [N, K], ``bits`` and group ``G`` at batch ``m``:
    With no rows at all for the candidates: triton for m <= 4, humming above (the H100 result:
    the tiled Triton path loses to Humming at M = 16), whichever of the two is available.
 
-On CPU ``slq.load(..., backend="auto")`` takes ``reference`` without reading a table.
+On CPU ``slq.load(..., backend="auto")`` takes ``reference`` without reading a table. On CUDA the
+default table is ``$SLQ_KERNEL_TABLE``, else the one shipped with slq for this GPU
+(:mod:`slq.runtime.backends.tables`, package data), so a wheel chooses as a source checkout does.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from ...util.errors import SlqError
+import torch
+from torch import nn
 
-ROLES = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "qkv_proj": "qkv", "o_proj": "o",
-         "gate_proj": "gate_up", "up_proj": "gate_up", "gate_up_proj": "gate_up", "down_proj": "down"}
-NAMES = {"ours": "triton", "triton": "triton", "humming": "humming", "reference": "reference"}
-
-
-@dataclass(frozen=True)
-class Row:
-    backend: str
-    bits: int
-    M: int
-    us: float
-    role: str | None = None
-    N: int | None = None
-    K: int | None = None
-
-
-def read_table(table) -> list[Row]:
-    """Rows of a measured table (a path or an already-parsed dict)."""
-    if isinstance(table, (str, os.PathLike)):
-        from ...util.jsonio import read_json
-
-        table = read_json(table, "kernel table")
-    if not isinstance(table, dict):
-        raise SlqError("a kernel table must be a JSON object")
-    out: list[Row] = []
-    for part in [table] + list(table.get("runs") or []):
-        shapes = part.get("shapes") or table.get("shapes") or {}
-        rows = list(part.get("per_layer") or []) + [r for r in part.get("rows") or [] if r.get("kind") == "layer"]
-        for r in rows:
-            be = NAMES.get(str(r.get("backend")))
-            us = r.get("us")
-            if be is None or us is None or not isinstance(r.get("bits"), int) or not (us == us):
-                continue
-            role = r.get("layer")
-            n, k = r.get("N"), r.get("K")
-            if (n is None or k is None) and role in shapes:
-                n, k = shapes[role]
-            out.append(Row(be, int(r["bits"]), int(r["M"]), float(us), role, n, k))
-    return out
-
+from ...models.arch import kind_of
+from ...quant.spec import QuantSpec
+from . import humming, tables
+from .tables import Row, read_table  # noqa: F401 - a table's rows, read here by choose_backends
 
 def eligible(backend: str, n: int, k: int, group: int | None) -> bool:
     g = k if group is None or group >= k else group
@@ -128,12 +93,10 @@ def choose(n: int, k: int, bits: int, group: int | None, batch: int, rows: list[
 
 
 def available_backends() -> set[str]:
-    import torch
-
     out = {"reference"}
     if not torch.cuda.is_available():
         return out
-    from . import humming, triton_gemv
+    from . import triton_gemv  # lazy: importing it imports triton
 
     if triton_gemv.available():
         out.add("triton")
@@ -142,27 +105,26 @@ def available_backends() -> set[str]:
     return out
 
 
-def default_table() -> Path | None:
-    """$SLQ_KERNEL_TABLE, else bench/results/kernels_<this GPU>.json of a source checkout, else None."""
+def default_table(device_name: str | None = None):
+    """$SLQ_KERNEL_TABLE, else the table slq ships for ``device_name`` (default: this CUDA GPU), else None."""
     env = os.environ.get("SLQ_KERNEL_TABLE")
     if env:
         return Path(env)
-    import torch
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    return tables.packaged(device_name)
 
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
-    p = Path(__file__).resolve().parents[4] / "bench" / "results" / f"kernels_{name}.json"
-    return p if p.is_file() else None
+
+def _is_quantized(m: nn.Module) -> bool:
+    """A QuantLinear, known by what the chooser reads (a QuantSpec ``spec`` and its shape)."""
+    return isinstance(getattr(m, "spec", None), QuantSpec) and hasattr(m, "out_features") and hasattr(m, "codes")
 
 
 def choose_backends(model, batch_size: int = 1, table=None, available=None) -> dict:
     """Backend per QuantLinear of ``model`` for decode at ``batch_size``; returns the record that
     ``slq.load`` stores as ``model.slq_backends`` ({"rule", "table", "batch_size", "layers", "why"})."""
-    import torch
-
-    from ..qlinear import QuantLinear
-
     available = available_backends() if available is None else set(available)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     dtype = emb.weight.dtype if emb is not None else torch.float16
@@ -174,9 +136,10 @@ def choose_backends(model, batch_size: int = 1, table=None, available=None) -> d
     rows = read_table(src) if src is not None else []
     layers, why = {}, {}
     for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            role = ROLES.get(name.rsplit(".", 1)[-1])
+        if _is_quantized(m):
+            kind = kind_of(name)  # the kernel table names a layer by its kind: qkv, o, gate_up, down
+            role = kind.split(".")[-1] if kind else None
             layers[name], why[name] = choose(m.out_features, m.in_features, m.bits, m.group, batch_size,
                                              rows, available, role)
     return {"rule": "measured table" if rows else "default by batch size", "table": None if src is None or
-            isinstance(src, dict) else str(src), "batch_size": batch_size, "layers": layers, "why": why}
+            isinstance(src, dict) else tables.label(src), "batch_size": batch_size, "layers": layers, "why": why}
