@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..models.arch import decoder_layers, decoder_linears, layer_linears, layers_prefix
 from ..util.errors import SlqError
 from ..util.progress import progress_bar
 from ..util.provenance import git_commit, versions
-from .calib import (capture_layer0_inputs, collect_hessians, decoder_layers, eager_attention, layer_linears,
-                    run_layer)
+from .calib import capture_layer0_inputs, collect_hessians, eager_attention, run_layer
 from .config import QuantConfig
 from .grid import QuantizedWeight, gamma_stats
 from .solve import layer_weights, solve_layer
@@ -37,14 +37,9 @@ class QuantizeResult:
 
 
 def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Full name -> linear for every nn.Linear inside the decoder layers (not lm_head)."""
-    layers = decoder_layers(model)
-    prefix = next(n for n, m in model.named_modules() if m is layers)
-    out = {}
-    for i, layer in enumerate(layers):
-        for rel, lin in layer_linears(layer).items():
-            out[f"{prefix}.{i}.{rel}"] = lin
-    return out
+    """Full name -> linear for every nn.Linear inside the decoder layers (not lm_head); see
+    :func:`slq.models.arch.decoder_linears`."""
+    return decoder_linears(model)
 
 
 def layer_spec(name: str, lin: nn.Linear, spec: QuantSpec, method: str) -> LayerPlan:
@@ -112,8 +107,7 @@ def _quantize(model: nn.Module, config: QuantConfig, specs: dict[str, QuantSpec 
     qweights: dict[str, QuantizedWeight] = {}
     t0 = time.perf_counter()
     timings = {"capture_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0, "forward_s": 0.0}
-    layers = decoder_layers(model)
-    prefix = next(n for n, m in model.named_modules() if m is layers)
+    layers, prefix = decoder_layers(model), layers_prefix(model)
 
     batches = None
     with eager_attention(model, gptq and config.attention), progress_bar(progress) as bar:
