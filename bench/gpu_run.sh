@@ -29,8 +29,8 @@ for step in "$@"; do
   case $step in
     env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
          python3 -c "import torch, triton, transformers, compressed_tensors, humming; print(torch.__version__, triton.__version__, transformers.__version__)";;
-    gptqtests) timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k gptq 2>&1 | tail -8;;
-    tests) timeout 400 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_decode.py \
+    gptqtests) timeout 300 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_gpu.py -k gptq 2>&1 | tail -8;;
+    tests) timeout 400 python3 -m pytest -q -x -p no:cacheprovider tests/runtime/test_gpu.py tests/runtime/test_decode.py \
              -k "cuda or gpu or backends" 2>&1 | tail -25;;
     decode) timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/runtime/test_step_compile.py \
               tests/runtime/test_decode.py -k "gpu or cuda or compile" 2>&1 | tail -8
@@ -41,7 +41,7 @@ for step in "$@"; do
     probe2) timeout 240 python3 bench/search_8b_gpu.py --layers 2 --out "$OUT/search_8b_2layers.json" ${FULL_ARGS:-};;
     probe4) timeout 360 python3 bench/search_8b_gpu.py --layers 4 --out "$OUT/search_8b_4layers.json" ${FULL_ARGS:-};;
     probe16) timeout 420 python3 bench/search_8b_gpu.py --layers 16 --out "$OUT/search_8b_16layers.json" ${FULL_ARGS:-};;
-    gptq) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k gptq 2>&1 | tail -8
+    gptq) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_gpu.py -k gptq 2>&1 | tail -8
           timeout 150 python3 bench/experiments/gptq_gpu.py --out "$OUT/gptq_gpu.json";;
     full) # resumable: the model and the bank stay in .work8b/ (git-ignored) while the machine is warm
           ( while sleep 45; do echo "[watch $(date +%T)] bank files: $(ls .work8b/work/bank 2>/dev/null | wc -l)" \

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import torch
 
+from .runtime.card import push_to_hub as push_checkpoint
+from .runtime.card import write_card
 from .runtime.checkpoint import load as load_checkpoint
 from .runtime.checkpoint import open_model, read_report, save_checkpoint
+from .runtime.export import export as export_checkpoint
 from .measure.data import GENERATED, windows_from_source
 from .measure.evaluate import evaluate as evaluate_models
 from .measure.fidelity import Fidelity
@@ -80,6 +83,42 @@ def quantize(
     return report
 
 
+def resolve_device(device: str) -> str:
+    """``"auto"``: ``"cuda"`` when CUDA is available, else ``"cpu"``; any other value is returned as given
+    (validated where it is used)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def export(checkpoint: str | Path, out: str | Path, *, to: str = "transformers", force: bool = False,
+           allow_unsupported: bool = False, warn=None, trust_remote_code: bool = False) -> Path:
+    """Write an slq checkpoint in the layout of ``to`` (transformers, vllm, llama.cpp) into ``out``
+    (see :func:`slq.runtime.export.export`)."""
+    return export_checkpoint(checkpoint, out, to=to, force=force, allow_unsupported=allow_unsupported, warn=warn,
+                             trust_remote_code=trust_remote_code)
+
+
+def check_hub_repo(repo: str) -> None:
+    """Before any work: ``repo`` is ``owner/name`` and the hub is not switched off (one SlqError line)."""
+    from .runtime.card import _HUB_ID, _offline  # the same rules push_to_hub applies, checked early
+
+    if not _HUB_ID.match(repo or ""):
+        raise SlqError(f"hub repo must be 'owner/name', got {repo!r}")
+    if _offline():
+        raise SlqError(f"cannot push to {repo}: offline (HF_HUB_OFFLINE is set)")
+
+
+def card(checkpoint: str | Path, *, base_model: str | None = None, push_to_hub: str | None = None,
+         private: bool = False) -> str:
+    """Write the model card (``README.md``) of a checkpoint; with ``push_to_hub`` (``owner/name``) then
+    upload the checkpoint there. Returns the card's path, or the repo URL when pushed."""
+    path = write_card(checkpoint, base_model=base_model, repo=push_to_hub)
+    if push_to_hub is None:
+        return str(path)
+    return push_checkpoint(checkpoint, push_to_hub, private=private, base_model=base_model)
+
+
 def _quant_config(config: QuantConfig | None, settings: dict) -> QuantConfig:
     """``config``, or one built from keyword settings (the older call form of :func:`quantize`)."""
     if config is not None:
@@ -112,8 +151,9 @@ def evaluate(reference, candidate, *, device: str = "cpu", trust_remote_code: bo
     Each of ``reference``/``candidate`` is anything ``slq quantize`` accepts or writes (a path, hub id, None for
     the embedded default) or an in-memory ``(model, tokenizer)`` pair.
     """
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SlqError("device 'cuda' was asked for but CUDA is not available")
+    device = resolve_device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SlqError(f"device {device!r} was asked for but CUDA is not available")
     pairs = []
     for x in (reference, candidate):
         if isinstance(x, tuple):
@@ -152,11 +192,16 @@ def info(path: str | Path, *, verify: bool = True, trust_remote_code: bool = Fal
 
 
 def generate(source: str | None, prompt: str, *, max_new_tokens: int = 32, device: str = "cpu",
-             trust_remote_code: bool = False, backend: str = "auto", engine: bool = True, note=None) -> str:
-    """Greedy continuation of ``prompt`` by a model or checkpoint.
+             trust_remote_code: bool = False, backend: str = "auto", engine: bool = True, note=None,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat_template: bool = True) -> str:
+    """Continuation of ``prompt`` by a model or checkpoint: greedy at ``temperature`` 0 (the default),
+    else sampled from ``softmax(logits / temperature)`` restricted to the smallest set of tokens whose
+    probability reaches ``top_p`` (nucleus sampling), with ``torch.manual_seed(seed)``.
 
-    Llama-family models (llama, mistral, qwen2, qwen3) decode through :mod:`slq.decode` (static KV
-    cache; a CUDA graph per step on GPU). Other families, or ``engine=False``, use transformers'
+    With ``chat_template`` and a tokenizer that has one, the prompt is one user turn rendered by the
+    template (with the generation prompt appended); otherwise the prompt is tokenized as is.
+    Greedy Llama-family runs (llama, mistral, qwen2, qwen3) decode through :mod:`slq.decode` (static KV
+    cache; a CUDA graph per step on GPU). Sampling, other families, or ``engine=False`` use transformers'
     ``generate``; ``note`` (default: :func:`warnings.warn`) is told why. ``backend`` is the
     QuantLinear backend for slq checkpoints (see :func:`slq.load`).
     """
@@ -169,6 +214,11 @@ def generate(source: str | None, prompt: str, *, max_new_tokens: int = 32, devic
         raise SlqError("the prompt is empty")
     if max_new_tokens < 1:
         raise SlqError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not (temperature >= 0 and temperature < float("inf")):
+        raise SlqError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise SlqError(f"top_p must be in (0, 1], got {top_p}")
+    device = resolve_device(device)
     path = resolve_model(source)
     if is_slq_checkpoint(path):
         from transformers import AutoTokenizer
@@ -177,19 +227,33 @@ def generate(source: str | None, prompt: str, *, max_new_tokens: int = 32, devic
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     else:
         m, tok = load_model(path, device=device, trust_remote_code=trust_remote_code)
-    ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+    ids = prompt_ids(tok, prompt, chat_template=chat_template).to(device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if engine and supports(m):
+    sample = temperature > 0
+    if engine and not sample and supports(m):
         out = engine_generate(m, ids, max_new_tokens, eos_token_id="auto", pad_token_id=pad)
     else:
-        if engine:
+        if engine and not sample:
             family = getattr(m.config, "model_type", type(m).__name__)
             msg = (f"model_type {family!r} is not one the decode engine runs ({', '.join(SUPPORTED)}); "
                    "using transformers generate")
             (note or (lambda s: warnings.warn(s, stacklevel=3)))(msg)
+        kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if sample else dict(do_sample=False)
+        torch.manual_seed(seed)
         with torch.inference_mode():
-            out = m.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, **kw)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-__all__ = ["quantize", "evaluate", "info", "generate", "open_model", "GENERATED"]
+def prompt_ids(tokenizer, prompt: str, *, chat_template: bool = True) -> torch.Tensor:
+    """LongTensor [1, T]: ``prompt`` as one user turn through the tokenizer's chat template when it has
+    one and ``chat_template`` is set, else the plain tokenization."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+__all__ = ["quantize", "evaluate", "info", "generate", "export", "card", "resolve_device", "open_model", "GENERATED"]

@@ -23,8 +23,23 @@ from .util.preflight import bank_bytes, check_out_dir, check_writable_dir, check
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Statistically-lossless quantization of Hugging Face causal LLMs.")
-console = Console(width=None if sys.stdout.isatty() else 160)
+WIDTH = 100  # tables are laid out to fit this many columns off a terminal (logs, pipes)
+console = Console(width=None if sys.stdout.isatty() else WIDTH)
 err = Console(stderr=True)
+
+def _version(value: bool) -> None:
+    if value:
+        from .util.provenance import __version__
+
+        print(f"slq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print slq's version and exit")) -> None:
+    """Statistically-lossless quantization of Hugging Face causal LLMs."""
+
 
 # Config field -> the flag that sets it (a ConfigError names the field; the CLI prints the flag).
 FLAGS = {
@@ -125,52 +140,128 @@ def _parse_bits(value: Optional[str]) -> Optional[float]:
     return b
 
 
-@app.command()
+# --help panels
+P_MODE, P_SEARCH, P_GRID, P_CALIB, P_OUT, P_EVAL, P_RUN = (
+    "Mode: uniform or search", "Search (fractional --bits, --budget or --target)", "Grid and method",
+    "Calibration", "Output and publishing", "Uniform: measure after quantizing", "Run")
+
+# the search's own options: given in uniform mode they would be ignored, so they are refused
+SEARCH_ONLY = ("ear", "recovery", "tasks", "task_limit", "bitwidths", "units", "estimator", "sens_windows",
+               "sens_seq_len", "verify_windows", "confirm_windows", "probe_bits", "orderings", "max_rounds",
+               "baselines", "workdir")
+UNIFORM_ONLY = ("do_eval", "eval_data", "eval_tokens")
+
+# --fast: cheaper settings for a uniform run (an option given explicitly wins). Chosen by measurement:
+# see bench/fast_preset.py and the module docstring there.
+FAST = {"method": "rtn", "calib_samples": 32, "seq_len": 256}
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option ``name`` was set on the command line (or by the environment), not defaulted."""
+    src = ctx.get_parameter_source(name)
+    return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _flag(ctx: typer.Context, name: str) -> str:
+    for p in ctx.command.params:
+        if p.name == name:
+            return max(p.opts, key=len)
+    return name
+
+
+def _model(x: Optional[str]) -> Optional[str]:
+    """The model argument: omitted or the word ``default`` is the embedded default model."""
+    return None if x in (None, "default") else x
+
+
+def _device(value: str) -> str:
+    """``auto`` (cuda if available, else cpu), cpu, cuda or cuda:N."""
+    ok = value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())
+    if not ok:
+        raise SlqError(f"--device must be auto, cpu, cuda or cuda:N, got {value!r}")
+    return api.resolve_device(value)
+
+
+@app.command(no_args_is_help=False)
 def quantize(
-    model: Optional[str] = typer.Argument(None, help="HF directory, .gguf file or hub id; default: embedded SmolLM2-135M-Instruct"),
-    bits: Optional[str] = typer.Option(None, "--bits", "-b",
-                                       help="integer 2..8: uniform; fractional (e.g. 4.5): SLQ search at that bits/param budget (default 4)"),
-    target: Optional[str] = typer.Option(None, "--target", help="SLQ search target: dl (EAR) or tl (zero-shot recovery)"),
-    ear: float = typer.Option(0.99, "--ear", help="DL target: 95% lower bound of measured EAR"),
-    recovery: float = typer.Option(0.99, "--recovery", help="TL target: zero-shot accuracy recovery"),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="TL tasks (default piqa,arc_easy,hellaswag,winogrande)"),
-    task_limit: Optional[int] = typer.Option(200, "--task-limit", help="TL: first K items of each task"),
-    bitwidths: str = typer.Option("2,3,4,5,6,7,8,16", "--bitwidths", help="search candidates; 16 = keep in 16-bit"),
-    units: str = typer.Option("fused", "--units", help="search units: fused (q/k/v, gate/up share bits) or linear"),
-    estimator: str = typer.Option("linear", "--estimator", help="search sensitivities: linear, shapley or fisher"),
-    sens_windows: int = typer.Option(8, "--sens-windows", help="search: calibration windows used for sensitivities"),
-    sens_seq_len: Optional[int] = typer.Option(None, "--sens-seq-len", help="search: tokens per sensitivity window (default --seq-len)"),
-    verify_windows: int = typer.Option(16, "--verify-windows", help="search: held-out windows for verification"),
+    ctx: typer.Context,
+    model: Optional[str] = typer.Argument(None, help="HF directory, .gguf file, hub id, or 'default' (omitted: "
+                                                     "the embedded SmolLM2-135M-Instruct)"),
+    bits: Optional[str] = typer.Option(None, "--bits", "-b", rich_help_panel=P_MODE,
+                                       help="integer 2..8: uniform (default 4); fractional (e.g. 4.5): search at "
+                                            "that bits/param budget"),
+    budget: Optional[float] = typer.Option(None, "--budget", rich_help_panel=P_MODE,
+                                           help="search at this bits/param budget (any number, integers too)"),
+    target: Optional[str] = typer.Option(None, "--target", rich_help_panel=P_MODE,
+                                         help="search target: dl (EAR) or tl (zero-shot recovery)"),
+    fast: bool = typer.Option(False, "--fast", rich_help_panel=P_MODE,
+                              help="uniform: a faster preset (RTN with clipping, no calibration); options given "
+                                   "explicitly win"),
+    ear: float = typer.Option(0.99, "--ear", rich_help_panel=P_SEARCH, help="DL target: 95% lower bound of EAR"),
+    recovery: float = typer.Option(0.99, "--recovery", rich_help_panel=P_SEARCH,
+                                   help="TL target: zero-shot accuracy recovery"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", rich_help_panel=P_SEARCH,
+                                        help="TL tasks (default piqa,arc_easy,hellaswag,winogrande)"),
+    task_limit: Optional[int] = typer.Option(200, "--task-limit", rich_help_panel=P_SEARCH,
+                                             help="TL: first K items of each task"),
+    bitwidths: str = typer.Option("2,3,4,5,6,7,8,16", "--bitwidths", rich_help_panel=P_SEARCH,
+                                  help="candidates; 16 = keep in 16-bit"),
+    units: str = typer.Option("fused", "--units", rich_help_panel=P_SEARCH,
+                              help="fused (q/k/v, gate/up share bits) or linear"),
+    estimator: str = typer.Option("linear", "--estimator", rich_help_panel=P_SEARCH,
+                                  help="sensitivities: linear, shapley or fisher"),
+    sens_windows: int = typer.Option(8, "--sens-windows", rich_help_panel=P_SEARCH,
+                                     help="calibration windows for sensitivities"),
+    sens_seq_len: Optional[int] = typer.Option(None, "--sens-seq-len", rich_help_panel=P_SEARCH,
+                                               help="tokens per sensitivity window (default --seq-len)"),
+    verify_windows: int = typer.Option(16, "--verify-windows", rich_help_panel=P_SEARCH,
+                                       help="held-out windows for verification"),
     confirm_windows: Optional[int] = typer.Option(
-        None, "--confirm-windows", help="search (dl): further held-out windows that confirm the accepted round "
-                                        "(default --verify-windows; 0: none)"),
-    probe_bits: Optional[str] = typer.Option(None, "--probe-bits",
-                                             help="linear estimator: probe bitwidth(s) (default 4, or the candidate nearest to it)"),
-    orderings: int = typer.Option(2, "--orderings", help="Shapley estimator: random orderings"),
-    max_rounds: int = typer.Option(4, "--max-rounds", help="search: verification rounds at most"),
-    baselines: Optional[str] = typer.Option(None, "--baselines", help="search: uniform bitwidths measured for the report (default 3..8)"),
-    workdir: Optional[Path] = typer.Option(None, "--workdir", help="search: bank/sensitivity cache (resumable)"),
-    group_size: str = typer.Option("128", "--group-size", "-g", help="16/32/64/128/256 or 'channel'"),
-    sym: bool = typer.Option(False, "--sym", help="symmetric grid (default: asymmetric, integer zero point)"),
-    method: str = typer.Option("gptq", "--method", help="rtn or gptq"),
-    calib: Optional[str] = typer.Option(None, "--calib", help="text file, .jsonl, HF dataset id, or 'generated' (default)"),
-    calib_samples: int = typer.Option(128, "--calib-samples", help="number of calibration windows"),
-    seq_len: int = typer.Option(512, "--seq-len", help="tokens per calibration window"),
-    no_clip: bool = typer.Option(False, "--no-clip", help="disable the MSE-optimal clipping search"),
-    plain_hessians: bool = typer.Option(False, "--plain-hessians",
-                                        help="GPTQ: plain X^T X Hessians for keys/values too (default: attention-aware)"),
-    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order",
-                                             help="GPTQ: columns by decreasing Hessian diagonal, static groups "
-                                                  "(default: on for GPTQ)"),
-    damp: float = typer.Option(0.01, "--damp", help="GPTQ: damping added to the Hessian, a fraction of its mean diagonal"),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
-    seed: int = typer.Option(0, "--seed"),
-    out: Path = typer.Option(..., "--out", "-o", help="output checkpoint directory"),
-    force: bool = typer.Option(False, "--force", help="replace --out if it exists"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    do_eval: bool = typer.Option(False, "--eval", help="uniform: measure EAR/KL/PPL vs the reference right after quantizing"),
-    eval_data: str = typer.Option("generated", "--eval-data", help="held-out text for --eval"),
-    eval_tokens: int = typer.Option(8 * 512, "--eval-tokens"),
+        None, "--confirm-windows", rich_help_panel=P_SEARCH,
+        help="dl: further held-out windows that confirm the accepted round (default --verify-windows; 0: none)"),
+    probe_bits: Optional[str] = typer.Option(None, "--probe-bits", rich_help_panel=P_SEARCH,
+                                             help="linear estimator: probe bitwidth(s) (default 4 or nearest)"),
+    orderings: int = typer.Option(2, "--orderings", rich_help_panel=P_SEARCH, help="Shapley: random orderings"),
+    max_rounds: int = typer.Option(4, "--max-rounds", rich_help_panel=P_SEARCH, help="verification rounds at most"),
+    baselines: Optional[str] = typer.Option(None, "--baselines", rich_help_panel=P_SEARCH,
+                                            help="uniform bitwidths measured for the report (default 3..8)"),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", rich_help_panel=P_SEARCH,
+                                           help="bank/sensitivity cache (resumable)"),
+    group_size: str = typer.Option("128", "--group-size", "-g", rich_help_panel=P_GRID,
+                                   help="16/32/64/128/256 or 'channel'"),
+    sym: bool = typer.Option(False, "--sym", rich_help_panel=P_GRID,
+                             help="symmetric grid (default: asymmetric, integer zero point)"),
+    method: str = typer.Option("gptq", "--method", rich_help_panel=P_GRID, help="rtn or gptq"),
+    no_clip: bool = typer.Option(False, "--no-clip", rich_help_panel=P_GRID,
+                                 help="disable the MSE-optimal clipping search"),
+    plain_hessians: bool = typer.Option(False, "--plain-hessians", rich_help_panel=P_GRID,
+                                        help="GPTQ: plain X^T X Hessians for keys/values too"),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", rich_help_panel=P_GRID,
+                                             help="GPTQ: columns by decreasing Hessian diagonal (default on)"),
+    damp: float = typer.Option(0.01, "--damp", rich_help_panel=P_GRID,
+                               help="GPTQ: damping, a fraction of the Hessian's mean diagonal"),
+    calib: Optional[str] = typer.Option(None, "--calib", rich_help_panel=P_CALIB,
+                                        help="text file, .jsonl, HF dataset id, or 'generated' (default)"),
+    calib_samples: int = typer.Option(128, "--calib-samples", rich_help_panel=P_CALIB,
+                                      help="calibration windows"),
+    seq_len: int = typer.Option(512, "--seq-len", rich_help_panel=P_CALIB, help="tokens per calibration window"),
+    out: Path = typer.Option(..., "--out", "-o", rich_help_panel=P_OUT, help="output checkpoint directory"),
+    force: bool = typer.Option(False, "--force", rich_help_panel=P_OUT, help="replace --out if it exists"),
+    card: bool = typer.Option(True, "--card/--no-card", rich_help_panel=P_OUT,
+                              help="write the model card (README.md) into the checkpoint"),
+    base_model: Optional[str] = typer.Option(None, "--base-model", rich_help_panel=P_OUT,
+                                             help="hub id of the base model, for the card"),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", rich_help_panel=P_OUT,
+                                              help="then upload the checkpoint to this hub repo (owner/name)"),
+    do_eval: bool = typer.Option(False, "--eval", rich_help_panel=P_EVAL,
+                                 help="measure EAR/KL/PPL vs the reference right after quantizing"),
+    eval_data: str = typer.Option("generated", "--eval-data", rich_help_panel=P_EVAL, help="held-out text"),
+    eval_tokens: int = typer.Option(8 * 512, "--eval-tokens", rich_help_panel=P_EVAL),
+    device: str = typer.Option("auto", "--device", rich_help_panel=P_RUN, help="auto, cpu, cuda or cuda:N"),
+    seed: int = typer.Option(0, "--seed", rich_help_panel=P_RUN),
+    progress: bool = typer.Option(True, "--progress/--no-progress", rich_help_panel=P_RUN,
+                                  help="progress: a bar on a terminal, log lines with ETA elsewhere"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", rich_help_panel=P_RUN),
 ):
     """Quantize a model to a compressed-tensors checkpoint: uniform bits, or the SLQ per-unit search."""
 
@@ -178,16 +269,31 @@ def quantize(
         b = _parse_bits(bits)
         if target is not None and target not in ("dl", "tl"):
             raise SlqError(f"--target must be dl or tl, got {target!r}")
-        if target is not None and b is not None:
-            raise SlqError("give either --target or --bits, not both")
-        is_search = target is not None or (b is not None and not float(b).is_integer())
+        modes = [f for f, v in (("--bits", b), ("--budget", budget), ("--target", target)) if v is not None]
+        if len(modes) > 1:
+            raise SlqError(f"give one of --bits, --budget and --target, not {' and '.join(modes)}")
+        if budget is not None and not (math.isfinite(budget) and budget > 0):
+            raise SlqError(f"--budget must be a finite positive number of bits per parameter, got {budget}")
+        budget_bits = budget if budget is not None else b
+        is_search = target is not None or budget is not None or (b is not None and not float(b).is_integer())
+        given = [n for n in (SEARCH_ONLY if not is_search else UNIFORM_ONLY + ("fast",)) if _given(ctx, n)]
+        if given:
+            mode = (f"uniform mode (--bits {bits})" if bits is not None else "uniform mode (the default, 4 bits)") \
+                if not is_search else "a search"
+            what = "a search option" if not is_search else "an option of uniform runs"
+            hint = ("; for a search give a fractional --bits, --budget B or --target" if not is_search else "")
+            raise SlqError(f"{_flag(ctx, given[0])} is {what} and would be ignored in {mode}{hint}")
+        fast_kw = {k: v for k, v in FAST.items() if fast and not _given(ctx, k)}
+        m = fast_kw.get("method", method)
+        dev = _device(device)
         # uniform: --bits (default 4); the search chooses bits per unit, so its QuantConfig keeps the default
         qc = QuantConfig(**({} if is_search or b is None else {"bits": int(b)}), group_size=_group(group_size),
-                         symmetric=sym, method=method, calib=calib, calib_samples=calib_samples, seq_len=seq_len,
-                         clip=not no_clip, attention=not plain_hessians, act_order=act_order, damp=damp,
-                         device=device, seed=seed)
+                         symmetric=sym, method=m, calib=calib,
+                         calib_samples=fast_kw.get("calib_samples", calib_samples),
+                         seq_len=fast_kw.get("seq_len", seq_len), clip=not no_clip, attention=not plain_hessians,
+                         act_order=act_order, damp=damp, device=dev, seed=seed)
         sc = None if not is_search else SearchConfig(
-            quant=qc, target=target or "bits", ear=ear, recovery=recovery, bits=b,
+            quant=qc, target=target or "bits", ear=ear, recovery=recovery, bits=budget_bits,
             tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, task_limit=task_limit,
             bitwidths=_int_list(bitwidths, "--bitwidths"), units=units, estimator=estimator,
             sens_windows=sens_windows, sens_seq_len=sens_seq_len, verify_windows=verify_windows,
@@ -195,16 +301,26 @@ def quantize(
             probe_bits=None if probe_bits is None else _int_list(probe_bits, "--probe-bits"), orderings=orderings,
             max_rounds=max_rounds, baselines=_int_list(baselines, "--baselines") if baselines else None,
             workdir=workdir)
+        if push_to_hub is not None:
+            if not card:
+                raise SlqError("--push-to-hub publishes the model card with the checkpoint: drop --no-card")
+            api.check_hub_repo(push_to_hub)
         # output paths are checked before any work: a bad one costs seconds, not a quantization
-        check_out_dir(out, model, force=force, need=checkpoint_bytes(model, 4 if b is None else b))
+        check_out_dir(out, _model(model), force=force,
+                      need=checkpoint_bytes(_model(model), 4 if budget_bits is None else budget_bits))
         if is_search and workdir is not None:
-            check_writable_dir(workdir, "--workdir", bank_bytes(model, _int_list(bitwidths, "--bitwidths"), workdir))
+            check_writable_dir(workdir, "--workdir",
+                               bank_bytes(_model(model), _int_list(bitwidths, "--bitwidths"), workdir))
         if sc is None:
-            return api.quantize(model, config=qc, out=out, force=force, progress=sys.stderr.isatty(),
-                                trust_remote_code=trust_remote_code, eval=do_eval, eval_data=eval_data,
-                                eval_tokens=eval_tokens)
-        return search(model, config=sc, out=out, force=force, plots=True, progress=sys.stderr.isatty(),
-                      trust_remote_code=trust_remote_code)
+            rep = api.quantize(_model(model), config=qc, out=out, force=force, progress=progress,
+                               trust_remote_code=trust_remote_code, eval=do_eval, eval_data=eval_data,
+                               eval_tokens=eval_tokens)
+        else:
+            rep = search(_model(model), config=sc, out=out, force=force, plots=True, progress=progress,
+                         trust_remote_code=trust_remote_code)
+        if card:
+            api.card(out, base_model=base_model)
+        return rep
 
     report = _run(go)
     if report.get("allocation") is not None:
@@ -213,7 +329,10 @@ def quantize(
         print_fidelity(report["fidelity"])
     console.print(f"wrote [bold]{out}[/]: {report['bits_per_param']:.3f} bits/param over quantized linears, "
                   f"{report['bits_per_param_model']:.3f} over the whole model, "
-                  f"{report['timings']['total_s']:.1f} s")
+                  f"{report['timings']['total_s']:.1f} s", highlight=False)
+    if push_to_hub is not None:
+        url = _run(api.card, out, base_model=base_model, push_to_hub=push_to_hub)
+        console.print(f"pushed {out} to {url}", highlight=False)
 
 
 def print_search(report: dict) -> None:
@@ -255,6 +374,7 @@ def print_search(report: dict) -> None:
 @app.command()
 def info(path: Path = typer.Argument(..., help="an slq checkpoint directory"),
          as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+         summary: bool = typer.Option(False, "--summary", help="one row per (bits, group, sym) instead of per layer"),
          no_verify: bool = typer.Option(False, "--no-verify",
                                         help="skip the tensor checks (keys, dtypes, shapes, finite scales)")):
     """Show a checkpoint's plan: layer, bits, group, sym, gamma; and bits per parameter (after checking its tensors)."""
@@ -264,16 +384,10 @@ def info(path: Path = typer.Argument(..., help="an slq checkpoint directory"),
     if as_json:
         console.print_json(json.dumps(report))
         return
-    t = Table(title=f"{path}  (model: {report.get('model')})")
-    for col in ("layer", "bits", "group", "sym", "gamma", "gamma^2", "bits/param", "note"):
-        t.add_column(col, justify="left" if col in ("layer", "note") else "right", no_wrap=col == "layer")
-    for name, lp in report["plan"].items():
-        s = lp["spec"]
-        g = "channel" if s["group_size"] is None else str(s["group_size"])
-        note = "" if lp["group_note"] == "as requested" else lp["group_note"]
-        t.add_row(name, str(s["bits"]), g, "yes" if s["symmetric"] else "no", _fmt(lp.get("gamma_mean")),
-                  _fmt(lp.get("gamma2_mean")), f"{lp['bits_per_param']:.3f}", note)
-    console.print(t)
+    if summary:
+        print_plan_summary(report)
+    else:
+        print_plan(report, path)
     console.print(f"bits/param: {report['bits_per_param']:.4f} (quantized linears, scales and zeros included), "
                   f"{report['bits_per_param_model']:.4f} (whole model, other tensors at stored precision)")
     if report.get("allocation") is not None:
@@ -282,43 +396,102 @@ def info(path: Path = typer.Argument(..., help="an slq checkpoint directory"),
         print_fidelity(report["fidelity"])
 
 
+def print_plan_summary(report: dict) -> None:
+    """One row per (bits, group, sym): layers, parameters, their share, bits/param (parameter-weighted)."""
+    rows: dict = {}
+    total = 0
+    for lp in report["plan"].values():
+        s = lp["spec"]
+        n = lp["N"] * lp["K"]
+        key = (s["bits"], -1 if s["group_size"] is None else s["group_size"], s["symmetric"])
+        r = rows.setdefault(key, [0, 0, 0.0])
+        r[0], r[1], r[2] = r[0] + 1, r[1] + n, r[2] + n * lp["bits_per_param"]
+        total += n
+    t = Table(title=f"plan summary (model: {report.get('model')})")
+    for col in ("bits", "group", "sym", "layers", "parameters", "share", "bits/param"):
+        t.add_column(col, justify="right")
+    for (b, g, sym), (k, n, bp) in sorted(rows.items()):
+        t.add_row(str(b), "channel" if g == -1 else str(g), "yes" if sym else "no", str(k), f"{n:,}",
+                  f"{n / max(total, 1):.1%}", f"{bp / max(n, 1):.3f}")
+    console.print(t)
+
+
+def _short(name: str) -> str:
+    """``model.layers.12.self_attn.q_proj`` -> ``12.self_attn.q_proj`` (the table's layer column)."""
+    head, sep, rest = name.partition(".layers.")
+    return rest if sep else name
+
+
+def print_plan(report: dict, path) -> None:
+    t = Table(title=f"{path}  (model: {report.get('model')}; layer = model.layers.<i>...)")
+    for col in ("layer", "bits", "group", "sym", "gamma", "gamma^2", "bits/param", "note"):
+        t.add_column(col, justify="left" if col in ("layer", "note") else "right", no_wrap=col == "layer")
+    for name, lp in report["plan"].items():
+        s = lp["spec"]
+        g = "channel" if s["group_size"] is None else str(s["group_size"])
+        note = "" if lp["group_note"] == "as requested" else lp["group_note"]
+        t.add_row(_short(name), str(s["bits"]), g, "yes" if s["symmetric"] else "no", _fmt(lp.get("gamma_mean")),
+                  _fmt(lp.get("gamma2_mean")), f"{lp['bits_per_param']:.3f}", note)
+    console.print(t)
+
+
 @app.command("eval")
 def eval_(
-    reference: str = typer.Argument(..., help="reference: HF dir, .gguf, hub id, or 'default' for the embedded model"),
-    candidate: str = typer.Argument(..., help="candidate: an slq checkpoint (or any model source)"),
+    reference: str = typer.Argument(..., help="reference: HF dir, .gguf, hub id, or 'default' (the embedded model)"),
+    candidate: str = typer.Argument(..., help="candidate: an slq checkpoint (or any model source, or 'default')"),
     data: str = typer.Option("generated", "--data", help="text file, .jsonl, HF dataset id, or 'generated'"),
     tokens: int = typer.Option(16 * 512, "--tokens", help="tokens to compare (tokens // seq-len windows)"),
     seq_len: int = typer.Option(512, "--seq-len"),
+    ear: float = typer.Option(0.99, "--ear", help="target EAR: the verdict line says pass, fail or undetermined"),
     on_policy: int = typer.Option(0, "--on-policy", help="continuations sampled from the reference and scored"),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma list: piqa,arc_easy,arc_challenge,boolq,winogrande,hellaswag,lambada"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="first K items of each task"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", rich_help_panel="Tasks",
+                                        help="comma list: piqa,arc_easy,arc_challenge,boolq,winogrande,hellaswag,"
+                                             "lambada"),
+    limit: Optional[int] = typer.Option(None, "--limit", rich_help_panel="Tasks", help="first K items of each task"),
+    tasks_backend: str = typer.Option("builtin", "--tasks-backend", rich_help_panel="Tasks",
+                                      help="builtin (offline) or lm-eval (needs lm-evaluation-harness)"),
     temperature: float = typer.Option(1.0, "--temperature"),
     batch_size: int = typer.Option(8, "--batch-size"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the numbers as JSON here"),
-    device: str = typer.Option("cpu", "--device"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the numbers and their provenance here"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     seed: int = typer.Option(0, "--seed"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar / log lines"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ):
     """Measure how lossless CANDIDATE is against REFERENCE: EAR, KL, top-1, PPL, tasks."""
     from .api import evaluate
+    from .measure.evaluate import ear_verdict, few_sequences_warning, provenance
 
     def go():
+        if not 0 < ear < 1:
+            raise SlqError(f"--ear must be in (0, 1), got {ear}")
         if json_out is not None:
             check_writable_file(json_out, "--json")
         names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-        return evaluate(None if reference == "default" else reference, None if candidate == "default" else candidate,
-                        data=data, tokens=tokens, seq_len=seq_len, on_policy=on_policy, tasks=names, limit=limit,
-                        temperature=temperature, batch_size=batch_size, device=device, seed=seed,
-                        progress=sys.stderr.isatty(), trust_remote_code=trust_remote_code)
+        return evaluate(_model(reference), _model(candidate), data=data, tokens=tokens, seq_len=seq_len,
+                        on_policy=on_policy, tasks=names, limit=limit, temperature=temperature,
+                        batch_size=batch_size, device=_device(device), seed=seed, progress=progress,
+                        trust_remote_code=trust_remote_code, tasks_backend=tasks_backend)
 
     fid = _run(go)
     d = fid.to_dict()
     print_fidelity(d)
+    warning = few_sequences_warning(d["n_sequences"])
+    if warning:
+        err.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+    lo, hi = d["ear"]["ci95"]
+    verdict = ear_verdict((lo, hi), ear)
+    console.print(f"verdict: {verdict.upper()} against EAR >= {ear:g} (95% interval [{lo:.5f}, {hi:.5f}]"
+                  + (", more tokens needed)" if verdict == "undetermined" else ")"), highlight=False)
     if json_out is not None:
         from .util.jsonio import write_json
 
+        d["verdict"] = {"ear_target": ear, "ear": verdict, "warning": warning}
+        d["provenance"] = provenance(_model(reference), _model(candidate), data=data, seq_len=seq_len,
+                                     tokens=tokens, n_sequences=d["n_sequences"], n_tokens=d["n_tokens"],
+                                     device=_device(device), seed=seed, tasks_backend=tasks_backend if tasks else None)
         _run(write_json, json_out, d)
-        console.print(f"wrote {json_out}")
+        console.print(f"wrote {json_out}", highlight=False)
 
 
 def print_fidelity(d: dict) -> None:
@@ -346,13 +519,17 @@ def print_fidelity(d: dict) -> None:
     console.print(t)
     if d.get("tasks"):
         tt = Table(title="zero-shot, paired (candidate - reference)")
-        for c in ("task", "n", "metric", "reference", "candidate", "delta", "95% CI", "p (McNemar)", "ref SE", "lossless"):
-            tt.add_column(c, justify="left" if c in ("task", "metric") else "right")
+        for c in ("task", "n", "metric", "ref", "cand", "delta", "95% CI", "p", "verdict"):
+            tt.add_column(c, justify="left" if c in ("task", "metric", "verdict") else "right")
         for name, r in d["tasks"].items():
+            verdict = r.get("verdict") or ("lossless" if r["lossless"] else "not lossless")
             tt.add_row(name, str(r.get("n", "")), str(r.get("metric", "")), f"{r['acc_reference']:.4f}",
                        f"{r['acc_candidate']:.4f}", f"{r['delta']:+.4f}", f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]",
-                       f"{r['p_value']:.3g}", f"{r.get('se_reference', float('nan')):.4f}", "yes" if r["lossless"] else "no")
+                       f"{r['p_value']:.3g}", verdict)
         console.print(tt)
+        console.print("verdict: lossless / not lossless (interval excludes 0) / undetermined (interval wider "
+                      "than the tolerance on both sides of 0, or a change beyond it that is not significant)",
+                      highlight=False)
 
 
 def _fmt(x) -> str:
@@ -360,18 +537,26 @@ def _fmt(x) -> str:
 
 
 @app.command()
-def generate(source: Optional[str] = typer.Argument(None, help="checkpoint, HF dir, .gguf or hub id; default: embedded model"),
+def generate(source: Optional[str] = typer.Argument(None, help="checkpoint, HF dir, .gguf, hub id or 'default' "
+                                                                "(omitted: the embedded model)"),
              prompt: str = typer.Option(..., "--prompt", "-p"),
              max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
-             device: str = typer.Option("cpu", "--device"),
+             temperature: float = typer.Option(0.0, "--temperature", "-t", help="0: greedy; > 0: sample"),
+             top_p: float = typer.Option(1.0, "--top-p", help="sampling: nucleus mass in (0, 1]"),
+             seed: int = typer.Option(0, "--seed", help="sampling seed"),
+             chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template",
+                                                help="wrap the prompt in the tokenizer's chat template if it has one"),
+             device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
              backend: str = typer.Option("auto", "--backend", help="checkpoints: auto, reference, triton, humming"),
              hf: bool = typer.Option(False, "--hf", help="decode with transformers generate, not slq's engine"),
              trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
-    """Greedy generation from a model or checkpoint (slq's static-cache engine for Llama-family models)."""
+    """Generate from a model or checkpoint: greedy through slq's static-cache engine (Llama family), or sampled."""
     from .api import generate as run
 
-    text = _run(run, source, prompt, max_new_tokens=max_new_tokens, device=device, trust_remote_code=trust_remote_code,
-                backend=backend, engine=not hf, note=lambda s: err.print(f"note: {s}", highlight=False))
+    text = _run(lambda: run(_model(source), prompt, max_new_tokens=max_new_tokens, device=_device(device),
+                            trust_remote_code=trust_remote_code, backend=backend, engine=not hf,
+                            note=lambda s: err.print(f"note: {s}", highlight=False), temperature=temperature,
+                            top_p=top_p, seed=seed, chat_template=chat_template))
     print(prompt + text)
 
 
@@ -393,7 +578,7 @@ def bench(
     iters: Optional[int] = typer.Option(None, "--iters", help="timed repetitions (default 20 on GPU, 3 on CPU)"),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="timed decode runs per row, median (default 3 GPU, 1 CPU)"),
     measure: str = typer.Option("layer,stack,decode", "--measure"),
-    device: str = typer.Option("auto", "--device"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
 ):
     """Decode speed: per-layer GEMV/GEMM, the linear stack, end-to-end tokens/s, beside FP16 and the roofline."""
     from .runtime.bench import run
@@ -437,6 +622,37 @@ def print_bench(res: dict) -> None:
         console.print(f"skipped {s['backend']}: {s['reason']}", highlight=False)
     for e in res.get("errors", []):
         console.print(f"recorded error: {e}", highlight=False)
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="an slq checkpoint directory"),
+    to: str = typer.Option("transformers", "--to", help="transformers (a copy), vllm or llama.cpp"),
+    out: Path = typer.Option(..., "--out", "-o", help="the export's directory"),
+    force: bool = typer.Option(False, "--force", help="replace --out if it exists"),
+    allow_unsupported: bool = typer.Option(False, "--allow-unsupported",
+                                           help="vllm: write it even when vLLM cannot load some layers today"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+):
+    """Write a checkpoint for an engine: vLLM's compressed-tensors layout, or a llama.cpp tensor-type file."""
+    path = _run(api.export, checkpoint, out, to=to, force=force, allow_unsupported=allow_unsupported,
+                warn=lambda m: err.print(f"[bold yellow]warning:[/] {m}", highlight=False, soft_wrap=True),
+                trust_remote_code=trust_remote_code)
+    console.print(f"wrote {path} ({to})", highlight=False)
+    if to == "llama.cpp":
+        console.print(f"next: see {Path(path) / 'LLAMA_CPP.md'} (llama-quantize --tensor-type-file)", highlight=False)
+
+
+@app.command("card")
+def card_(
+    checkpoint: Path = typer.Argument(..., help="an slq checkpoint directory (or an export of one)"),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="hub id of the base model"),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="then upload the checkpoint (owner/name)"),
+    private: bool = typer.Option(False, "--private", help="with --push-to-hub: a private repo"),
+):
+    """Write the model card (README.md) from the checkpoint's measured report; optionally publish it."""
+    where = _run(api.card, checkpoint, base_model=base_model, push_to_hub=push_to_hub, private=private)
+    console.print(f"{'pushed' if push_to_hub else 'wrote'} {where}", highlight=False)
 
 
 def main():  # pragma: no cover

@@ -289,7 +289,7 @@ def test_different_item_sets_are_refused():
 
 def test_lm_eval_adapter_fails_clearly_without_lm_eval(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
-    with pytest.raises(RuntimeError, match="lm-eval is not installed"):
+    with pytest.raises(SlqError, match="lm-eval is not installed"):
         lm_eval_adapter(None, None, ["piqa"])
 
 

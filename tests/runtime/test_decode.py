@@ -305,7 +305,8 @@ with torch.inference_mode():
 for mod in m.modules():
     if isinstance(mod, QuantLinear):
         mod.set_backend("triton")
-eng = DecodeEngine(m, fuse=True, kv_block=8)
+import sys
+eng = DecodeEngine(m, fuse=True, kv_block=8, compile=sys.argv[1] if len(sys.argv) > 1 else False)
 out = eng.generate(ids, 4)
 assert eng.layers[0].qkv.fused.backend == "triton" and eng.layers[0].gate_up.fused.backend == "triton"
 with torch.no_grad():
@@ -317,9 +318,11 @@ assert torch.equal(out, ref) and err < 2e-2, (out, ref, err)
 """
 
 
-def test_triton_backend_through_the_engine_under_the_interpreter():
+@pytest.mark.parametrize("compile", ["", "aot_eager"], ids=["eager-step", "compiled-step"])
+def test_triton_backend_through_the_engine_under_the_interpreter(compile):
     """The QuantLinear triton backend (fused q/k/v and gate/up repacked by the engine) inside the
-    windowed decode step, on CPU through Triton's interpreter, against HF generate on the reference backend."""
+    windowed decode step, eager or compiled whole (fullgraph: ``slq::quant_matmul`` is one node), on CPU
+    through Triton's interpreter, against HF generate on the reference backend."""
     import os
     import subprocess
     import sys
@@ -328,6 +331,6 @@ def test_triton_backend_through_the_engine_under_the_interpreter():
     pytest.importorskip("triton", reason="triton is not installed; the CPU check needs its interpreter")
     src = Path(__file__).resolve().parents[2] / "src"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    p = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, *([compile] if compile else [])], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     assert "tokens_equal True" in p.stdout

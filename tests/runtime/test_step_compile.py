@@ -202,3 +202,20 @@ def test_fused_step_dispatches_only_matmuls_and_attention():
     assert fused.total <= FUSED_OPS_PER_LAYER * L + 2, fused.counts
     assert fused.counts["slq.dequant_linear.default"] == 4 * L  # each fused linear is one opaque op
     assert eager.total > 10 * fused.total, (eager.total, fused.total)
+
+
+# ----------------------------------------------------------------------------- quantized head
+
+
+def test_quantized_head_decodes_like_hf_eager_and_compiled():
+    """An lm_head that is a QuantLinear (8-bit, g32) is used as it is by the engine: tokens equal HF's
+    generate of the same model, through the eager and the compiled step, and the head is one op."""
+    m = _quantize_linears(_tiny_llama(2))
+    head = m.get_output_embeddings()
+    m.lm_head = QuantLinear(quantize_rtn(head.weight.detach().float(), QuantSpec(8, 32)))
+    ids = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(3))
+    ref = _hf(m, ids, 12, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(generate(m, ids, 12, eos_token_id=None, kv_block=8, fuse=True), ref)
+    assert torch.equal(generate(m, ids, 12, eos_token_id=None, kv_block=8, fuse=True, compile="aot_eager"), ref)
+    c = _count_step(DecodeEngine(m, kv_block=16, fuse=True), ids, compiled=False)
+    assert c.counts["slq.dequant_linear.default"] == 4 * 2 + 1 and "aten.linear.default" not in c.counts

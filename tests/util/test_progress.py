@@ -25,8 +25,9 @@ def test_non_terminal_stream_gets_start_step_and_finish_lines():
     assert lines[0] == "[slq] GPTQ layers: started (0/20 (0%))"
     assert lines[-1].startswith("[slq] GPTQ layers: done 20/20 (100%) in ")
     middle = lines[1:-1]
-    # one line per 10% crossed: 2/20, 4/20, ..., 18/20 (20/20 is the finish line)
-    assert [int(re.search(r": (\d+)/20", s).group(1)) for s in middle] == list(range(2, 20, 2))
+    # the first item (the stage's time estimate), then one line per 10% crossed: 2/20, 4/20, ..., 18/20
+    # (20/20 is the finish line)
+    assert [int(re.search(r": (\d+)/20", s).group(1)) for s in middle] == [1] + list(range(2, 20, 2))
     assert all("elapsed" in s and "ETA" in s for s in middle)
 
 
@@ -47,9 +48,9 @@ def test_time_interval_prints_between_steps():
         clock.t = i * 5.0  # 5 s per item: 1 item is 0.1% of the total, far below a 10% step
         rep.advance(task)
     lines = out.getvalue().splitlines()[1:]
-    # a line every 30 s of silence: at t = 30, 60, ..., 180
-    assert [re.search(r"elapsed (\S+),", s).group(1) for s in lines] == ["30.0s", "1m00s", "1m30s", "2m00s",
-                                                                         "2m30s", "3m00s"]
+    # the first item's line (the estimate), then a line every 30 s of silence: at t = 30, 60, ..., 180
+    assert [re.search(r"elapsed (\S+),", s).group(1) for s in lines] == ["5.0s", "30.0s", "1m00s", "1m30s",
+                                                                         "2m00s", "2m30s", "3m00s"]
 
 
 def test_unfinished_task_gets_a_closing_line_and_no_total_has_no_eta():
@@ -95,3 +96,16 @@ def test_lines_go_to_the_slq_logger_when_it_listens():
 
 def test_format_seconds():
     assert [format_seconds(s) for s in (3.04, 65, 3599.4, 7380)] == ["3.0s", "1m05s", "59m59s", "2h03m"]
+
+
+def test_first_item_line_estimates_the_stage_from_the_first_item():
+    """A 30-layer stage: the line after layer 1 predicts the rest as (seconds of layer 1) x (layers left)."""
+    out, clock = io.StringIO(), Clock()
+    rep = LogProgress(out, clock=clock, logger=logging.getLogger("slq.test.quiet"))
+    task = rep.add_task("GPTQ layers", total=30)
+    clock.t = 5.0
+    rep.advance(task)
+    assert out.getvalue().splitlines()[-1] == "[slq] GPTQ layers: 1/30 (3%) elapsed 5.0s, ETA 2m25s"
+    clock.t = 10.0
+    rep.advance(task)  # 2/30 crosses no 10% step and 30 s have not passed: no line
+    assert len(out.getvalue().splitlines()) == 2

@@ -1,14 +1,33 @@
-"""`slq.evaluate`: how lossless is a candidate? Distribution metrics, on-policy EAR, zero-shot tasks."""
+"""`slq.evaluate`: how lossless is a candidate? Distribution metrics, on-policy EAR, zero-shot tasks.
+
+Two judgements are made from a measurement, never more than its interval supports:
+
+- :func:`ear_verdict` against a target EAR ``e``: with the 95% interval ``[lo, hi]`` of the mean EAR,
+  ``pass`` when ``lo >= e`` (the target is met with 95% confidence), ``fail`` when ``hi < e`` (it is
+  missed with 95% confidence), ``undetermined`` otherwise (the interval straddles the target: more
+  tokens are needed to tell).
+- the bootstrap interval over sequences is unreliable with few of them: below
+  :data:`MIN_SEQUENCES` the caller is warned (:func:`few_sequences_warning`).
+
+:func:`provenance` is what an evaluation's JSON records so that it can be re-run: the two model
+sources, the data, ``seq_len``, the token and sequence counts, slq's and the libraries' versions, the
+git commit and the UTC time.
+"""
 
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 
 import torch
 
 from .data import GENERATED, windows_from_source
 from ..util.errors import SlqError
+from ..util.provenance import git_commit, versions
 from .fidelity import Fidelity, compare_windows, on_policy_ear
+from .tasks import TASK_BACKENDS, require_lm_eval
+
+MIN_SEQUENCES = 16  # fewer sequences than this: the bootstrap interval is shown with a warning
 
 ON_POLICY_PROMPT = 32  # tokens of data text each on-policy continuation starts from
 ON_POLICY_NEW = 128  # tokens sampled from the reference after each prompt
@@ -39,6 +58,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     windows: torch.Tensor | None = None,
+    tasks_backend: str = "builtin",
 ) -> Fidelity:
     """Compare ``candidate`` to ``reference`` on the same tokens.
 
@@ -47,12 +67,17 @@ def evaluate(
     non-overlapping slices of ``tokenizer(text).input_ids`` after ``skip_windows``).
     ``on_policy``: number of continuations sampled from the reference (``ON_POLICY_NEW``
     tokens after a ``ON_POLICY_PROMPT``-token prompt from the data) and scored by both.
-    ``tasks``: zero-shot task names with a paired test per task (``limit`` items each).
+    ``tasks``: zero-shot task names with a paired test per task (``limit`` items each), scored by
+    ``tasks_backend`` (``"builtin"`` or ``"lm-eval"``, see :func:`slq.measure.tasks.run_tasks`).
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise SlqError("--device cuda was asked for but CUDA is not available")
     if temperature <= 0:
         raise SlqError(f"temperature must be > 0, got {temperature}")
+    if tasks and tasks_backend not in TASK_BACKENDS:
+        raise SlqError(f"unknown tasks backend {tasks_backend!r}; choose one of {', '.join(TASK_BACKENDS)}")
+    if tasks and tasks_backend == "lm-eval":
+        require_lm_eval()  # absent: one line now, before the models are compared
     ref, tok = _as_model(reference)
     cand, tok_c = _as_model(candidate)
     if ref.config.vocab_size != cand.config.vocab_size or tok.get_vocab() != tok_c.get_vocab():
@@ -62,7 +87,7 @@ def evaluate(
         if n < 1:
             raise SlqError(f"--tokens {tokens} is less than one window of --seq-len {seq_len}")
         windows = windows_from_source(data, ref, tok, n=n, seq_len=seq_len, skip=skip_windows, seed=seed + 1,
-                                      device=device)
+                                      device=device, progress=progress)
     t0 = time.perf_counter()
     fid = compare_windows(ref, cand, windows, batch_size=batch_size, temperature=temperature, device=device,
                           progress=progress, seed=seed)
@@ -80,5 +105,45 @@ def evaluate(
         from .tasks import run_tasks
 
         fid.tasks = run_tasks(ref, cand, tok, tasks, limit=limit, data_dir=task_dir, device=device,
-                              progress=progress, seed=seed)
+                              progress=progress, seed=seed, backend=tasks_backend)
     return fid
+
+
+def ear_verdict(ci95, target: float) -> str:
+    """``pass``, ``fail`` or ``undetermined`` for a target EAR, from the 95% interval (module docstring)."""
+    lo, hi = ci95
+    if lo >= target:
+        return "pass"
+    if hi < target:
+        return "fail"
+    return "undetermined"
+
+
+def few_sequences_warning(n_sequences: int) -> str | None:
+    """A warning line when the interval rests on fewer than :data:`MIN_SEQUENCES` sequences, else None."""
+    if n_sequences >= MIN_SEQUENCES:
+        return None
+    return (f"the 95% interval rests on {n_sequences} sequence(s), fewer than {MIN_SEQUENCES}: the bootstrap "
+            f"over so few sequences is unreliable; measure more tokens")
+
+
+def provenance(reference, candidate, *, data, seq_len: int, tokens: int, n_sequences: int, n_tokens: int,
+               **extra) -> dict:
+    """What produced an evaluation (module docstring): sources as given (``None``: the embedded default),
+    data and sizes, versions, git commit and UTC time; ``extra`` keys are added as is."""
+    return {
+        "reference": _source(reference), "candidate": _source(candidate),
+        "data": GENERATED if data is None else str(data), "seq_len": seq_len, "tokens_requested": tokens,
+        "n_sequences": n_sequences, "n_tokens": n_tokens, "versions": versions(), "git_commit": git_commit(),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra,
+    }
+
+
+def _source(x) -> str:
+    """A model source as recorded: ``default``, an absolute path when it exists, else the hub id as given."""
+    from pathlib import Path
+
+    if x is None or x == "default":
+        return "default"
+    p = Path(str(x))
+    return str(p.resolve()) if p.exists() else str(x)

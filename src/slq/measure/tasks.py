@@ -437,8 +437,30 @@ def _interval(deltas: np.ndarray) -> list[float]:
 
 
 def _verdict(delta: float, ci: list[float], tolerance: float) -> bool:
-    """Lossless: the 95% interval contains 0 and ``|delta| <= tolerance``."""
+    """The acceptance rule (``lossless``): the 95% interval contains 0 and ``|delta| <= tolerance``."""
     return bool(ci[0] <= 0.0 <= ci[1] and abs(delta) <= tolerance)
+
+
+def task_verdict(delta: float, ci: list[float], tolerance: float) -> str:
+    """What the paired test supports, in words; ``t`` = ``tolerance``, ``[lo, hi]`` = the 95% interval:
+
+    - ``"not lossless"``: ``hi < 0`` or ``lo > 0``, the change is significant at 5%;
+    - ``"undetermined"``: 0 is inside ``[lo, hi]`` but the interval is wider than the tolerance on both
+      sides of 0 (``lo < -t`` and ``hi > t``: too few items to tell a loss or a gain larger than the
+      tolerance from none), or ``|delta| > t`` (a change beyond the tolerance that is not significant);
+    - ``"lossless"``: otherwise, i.e. 0 in ``[lo, hi]``, ``|delta| <= t``, and at least one side of the
+      interval within the tolerance.
+
+    ``lossless`` (the boolean the search accepts by) equals ``verdict == "lossless"`` except where the
+    interval is wider than the tolerance on both sides with ``|delta| <= t``: the boolean says yes, the
+    verdict says ``undetermined``.
+    """
+    lo, hi = ci
+    if hi < 0.0 or lo > 0.0:
+        return "not lossless"
+    if (lo < -tolerance and hi > tolerance) or abs(delta) > tolerance:
+        return "undetermined"
+    return "lossless"
 
 
 def _task_rng(seed: int, name: str) -> np.random.Generator:
@@ -459,7 +481,8 @@ def compare_tasks(
     Per task (on ``TaskResult.metric``): ``delta = acc_cand - acc_ref``; ``p_value`` = exact McNemar
     on the discordant pairs; ``ci95`` = 2.5/97.5 percentiles of the paired bootstrap of delta;
     ``se_reference = sqrt(a (1 - a) / n)``, the reference's own sampling error; ``lossless`` =
-    ``ci95`` contains 0 and ``|delta| <= tolerance``.
+    ``ci95`` contains 0 and ``|delta| <= tolerance`` (the search's acceptance rule); ``verdict`` =
+    ``"lossless"``, ``"not lossless"`` or ``"undetermined"`` (:func:`task_verdict`), what is printed.
 
     ``average``: means over tasks of the accuracies and deltas; its bootstrap resamples items within
     each task and averages the task replicates; ``se_reference = sqrt(sum se_t^2) / T``; ``p_value``
@@ -486,7 +509,7 @@ def compare_tasks(
             "metric": ref.metric, "n": int(ref.n),
             "acc_reference": a_ref, "acc_candidate": a_cand, "delta": delta, "ci95": ci,
             "p_value": mcnemar_exact(b, c_up), "se_reference": math.sqrt(a_ref * (1 - a_ref) / ref.n),
-            "lossless": _verdict(delta, ci, tolerance),
+            "lossless": _verdict(delta, ci, tolerance), "verdict": task_verdict(delta, ci, tolerance),
         }
     tasks = list(out)
     delta = float(np.mean([out[t]["delta"] for t in tasks]))
@@ -497,7 +520,7 @@ def compare_tasks(
         "acc_candidate": float(np.mean([out[t]["acc_candidate"] for t in tasks])),
         "delta": delta, "ci95": ci, "p_value": mcnemar_exact(b_total, c_total),
         "se_reference": math.sqrt(sum(out[t]["se_reference"] ** 2 for t in tasks)) / len(tasks),
-        "lossless": _verdict(delta, ci, tolerance),
+        "lossless": _verdict(delta, ci, tolerance), "verdict": task_verdict(delta, ci, tolerance),
     }
     return out
 
@@ -516,14 +539,24 @@ def run_tasks(
     tolerance: float = 0.01,
     n_boot: int = 2000,
     seed: int = 0,
+    backend: str = "builtin",
 ) -> dict:
     """Load each task, score both models on the same items, and ``compare_tasks`` them.
+
+    ``backend``: ``"builtin"`` (this module's readers and scorer, offline) or ``"lm-eval"``
+    (lm-evaluation-harness scores both models; its per-item results feed the same paired test, see
+    :func:`lm_eval_results`).
 
     Returns ``compare_tasks``' dict with each task's full metric dicts added as
     ``metrics_reference`` and ``metrics_candidate`` (e.g. LAMBADA perplexity).
     """
+    if backend not in TASK_BACKENDS:
+        raise SlqError(f"unknown task backend {backend!r}; choose one of {', '.join(TASK_BACKENDS)}")
     refs, cands = {}, {}
-    for name in names:
+    if backend == "lm-eval":
+        refs = lm_eval_results(reference, tokenizer, names, limit=limit, batch_size=batch_size, device=device)
+        cands = lm_eval_results(candidate, tokenizer, names, limit=limit, batch_size=batch_size, device=device)
+    for name in names if backend == "builtin" else ():
         items = load_task(name, data_dir, limit)
         kw = dict(batch_size=batch_size, device=device, progress=progress)
         refs[name] = score_task(reference, tokenizer, name, items, **kw)
@@ -539,6 +572,60 @@ def run_tasks(
 
 
 _LM_EVAL_NAMES = {"lambada": "lambada_openai"}
+TASK_BACKENDS = ("builtin", "lm-eval")
+
+
+def require_lm_eval():
+    """lm-eval's ``simple_evaluate`` and ``HFLM``; one SlqError line when the package is absent."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:
+        raise SlqError("lm-eval is not installed: the lm-eval task backend needs it (pip install lm-eval); the "
+                       "built-in backend needs no extra package") from e
+    return simple_evaluate, HFLM
+
+
+def lm_eval_samples_to_result(name: str, samples: Sequence[Mapping], metric: str) -> TaskResult:
+    """A :class:`TaskResult` from lm-eval's logged samples of one task (``log_samples=True``: one dict per
+    document with its ``doc_id`` and per-document metric values, 1.0/0.0 for accuracies).
+
+    Items are ordered by ``doc_id``; ``correct[m]`` is ``value > 0.5`` for each accuracy metric present
+    (``acc``, ``acc_norm``); ``items_digest`` fingerprints the ``(doc_id, prompt_hash)`` pairs, so the two
+    models of a comparison are refused unless lm-eval gave them the same documents and prompts.
+    """
+    rows = sorted(samples, key=lambda r: r["doc_id"])
+    if not rows:
+        raise SlqError(f"lm-eval returned no samples for {name}")
+    correct = {m: np.array([float(r[m]) > 0.5 for r in rows]) for m in ("acc", "acc_norm") if m in rows[0]}
+    if metric not in correct:
+        metric = "acc" if "acc" in correct else next(iter(correct), None)
+    if metric is None:
+        raise SlqError(f"lm-eval's {name} has no per-item accuracy (acc or acc_norm) to compare")
+    h = hashlib.sha256(json.dumps([[r["doc_id"], r.get("prompt_hash", "")] for r in rows]).encode())
+    metrics = {m: float(v.mean()) for m, v in correct.items()}
+    return TaskResult(name, len(rows), metrics, correct, metric, items_digest=h.hexdigest()[:16])
+
+
+def lm_eval_results(model, tokenizer, names: Sequence[str], *, limit: int | None = None, batch_size: int = 16,
+                    device=None) -> dict[str, TaskResult]:
+    """Score an in-memory model with lm-evaluation-harness (``simple_evaluate`` on an ``HFLM`` wrapper,
+    ``log_samples=True``) and return a :class:`TaskResult` per task of ``names`` (our names; ``lambada``
+    is lm-eval's ``lambada_openai``). The metric tested is the built-in backend's for the task (e.g.
+    ``acc_norm`` for hellaswag). lm-eval fetches its data sets from the Hugging Face Hub."""
+    simple_evaluate, HFLM = require_lm_eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              device=None if device is None else str(device))
+    ours = {_LM_EVAL_NAMES.get(t, t): t for t in names}
+    out = simple_evaluate(model=lm, tasks=list(ours), limit=limit, log_samples=True)
+    samples = out.get("samples") or {}
+    res = {}
+    for theirs, name in ours.items():
+        if theirs not in samples:
+            raise SlqError(f"lm-eval returned no per-item results for {theirs}")
+        metric = TASKS[name].metric if name in TASKS else "acc"
+        res[name] = lm_eval_samples_to_result(name, samples[theirs], metric)
+    return res
 
 
 def lm_eval_adapter(model, tokenizer, tasks: Sequence[str], limit: int | None = None, *, batch_size: int = 16) -> dict:
@@ -547,13 +634,7 @@ def lm_eval_adapter(model, tokenizer, tasks: Sequence[str], limit: int | None = 
     Our task names map to lm-eval's (``lambada`` -> ``lambada_openai``). lm-eval fetches its data
     sets from the Hugging Face Hub, so this needs a network. Returns lm-eval's ``results`` dict.
     """
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-    except ImportError as e:
-        raise RuntimeError(
-            "lm-eval is not installed (pip install lm-eval); it is optional: score_task needs no extra package"
-        ) from e
+    simple_evaluate, HFLM = require_lm_eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     names = [_LM_EVAL_NAMES.get(t, t) for t in tasks]
     return simple_evaluate(model=lm, tasks=names, limit=limit)["results"]

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..models.arch import decoder_layers, layer_linears  # noqa: F401 - re-exported for pipeline, bank
+# the forward cut at the decoder layers lives with block streaming; re-exported for the bank and the prober
+from ..models.stream import Batch, first_output, capture_layer0_inputs, run_layer  # noqa: F401
 from .gptq import HessianAccumulator, RowBlockHessians, accumulate
 
 
@@ -79,54 +80,13 @@ def attention_heads(layer: nn.Module, name: str) -> tuple[nn.Module, int, int, i
     return attn, nh, nkv, hd
 
 
-class _Stop(Exception):
-    pass
-
-
-@dataclass
-class Batch:
-    hidden: torch.Tensor
-    kwargs: dict
-
-
 @torch.no_grad()
-def capture_layer0_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int, device: str) -> list[Batch]:
-    """Inputs of the first decoder layer for every batch of windows."""
-    layers = decoder_layers(model)
-    caught: list[Batch] = []
-
-    def hook(_mod, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache", "use_cache")}
-        caught.append(Batch(hidden, kw))
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for b0 in range(0, windows.shape[0], batch_size):
-            try:
-                model(input_ids=windows[b0 : b0 + batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return caught
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.no_grad()
-def run_layer(layer: nn.Module, batches: list[Batch]) -> list[Batch]:
-    """The layer's outputs, which are the next layer's inputs (same kwargs)."""
-    return [Batch(_first(layer(b.hidden, **b.kwargs)), b.kwargs) for b in batches]
-
-
-@torch.no_grad()
-def collect_hessians(layer: nn.Module, batches: list[Batch], names: list[str], attention: bool = False
-                     ) -> dict[str, HessianAccumulator | RowBlockHessians]:
+def collect_hessians(layer: nn.Module, batches: list[Batch], names: list[str], attention: bool = False,
+                     device: str | torch.device | None = None) -> dict[str, HessianAccumulator | RowBlockHessians]:
     """One Hessian per distinct input among the named linears (shared objects for fused ones).
+
+    ``device``: where the layer runs when the batches' hidden states sit elsewhere (offloaded to host memory);
+    each batch moves there for its turn.
 
     With ``attention`` a key or value projection gets a :class:`RowBlockHessians` (one attention-weighted
     Hessian per key/value head, see the module docstring) instead; the layer must run under
@@ -147,7 +107,7 @@ def collect_hessians(layer: nn.Module, batches: list[Batch], names: list[str], a
     # Which linears see the same input tensor: decided on the first batch.
     hs = [linears[n].register_forward_pre_hook(probe(n)) for n in names]
     try:
-        _first(layer(batches[0].hidden[:1], **_slice_kwargs(batches[0].kwargs, 1)))
+        first_output(layer(_on(batches[0].hidden[:1], device), **_slice_kwargs(batches[0].kwargs, 1)))
     finally:
         for h in hs:
             h.remove()
@@ -172,7 +132,7 @@ def collect_hessians(layer: nn.Module, batches: list[Batch], names: list[str], a
         hs += _attention_hooks(attn, linears[n], blocks[n], nh, nkv, hd, n, key=n.endswith("k_proj"))
     try:
         for b in batches:
-            layer(b.hidden, **b.kwargs)
+            layer(_on(b.hidden, device), **b.kwargs)
     finally:
         for h in hs:
             h.remove()
@@ -225,6 +185,10 @@ def _attention_hooks(attn: nn.Module, lin: nn.Linear, rb: RowBlockHessians, nh: 
     if key:
         hooks.append(attn.q_proj.register_forward_hook(grab_q))
     return hooks
+
+
+def _on(t: torch.Tensor, device) -> torch.Tensor:
+    return t if device is None else t.to(device, non_blocking=True)
 
 
 def _slice_kwargs(kwargs: dict, b: int) -> dict:

@@ -36,6 +36,9 @@ class QuantConfig:
     :param batch_size: windows per forward during calibration.
     :param seed: seeds sampling and every random choice.
     :param device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    :param offload: stream the model: its weights stay in their safetensors files and one decoder block at a
+        time is read onto ``device`` (see :mod:`slq.models.stream`); also on by itself when the model does not
+        fit the device's free memory.
     """
 
     bits: int = 4
@@ -52,6 +55,7 @@ class QuantConfig:
     batch_size: int = 8
     seed: int = 0
     device: str = "cpu"
+    offload: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -62,7 +66,7 @@ class QuantConfig:
                                             f"got {_lit(g)}")
         if not _is_int(self.bits) or not 2 <= self.bits <= 8:
             raise ConfigError("bits", f"{{field}} must be an integer in 2..8, got {_lit(self.bits)}")
-        for name in ("symmetric", "clip", "attention"):
+        for name in ("symmetric", "clip", "attention", "offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"{{field}} must be True or False, got {_lit(getattr(self, name))}")
         if self.act_order is not None and not isinstance(self.act_order, bool):

@@ -99,9 +99,9 @@ def solve_layer(weights: Mapping[str, torch.Tensor], specs: Mapping[str, Sequenc
 
     ``config`` gives the method, ``clip``, ``damp``, ``act_order`` and the ``device`` GPTQ runs on.
     ``hessians`` (name -> its Hessian(s), as :func:`slq.quant.calib.collect_hessians` returns them) is
-    required for GPTQ; with RTN it only groups the rows and supplies the blocks' Hessians. The specs of
-    linears sharing a Hessian share the group size and symmetry when they are to be stacked together
-    (those of one stack differ in bits only).
+    required for GPTQ; with RTN it only groups the rows and supplies the blocks' Hessians. A linear's specs
+    may mix group sizes: those that share a group size and symmetry are stacked into one pass (they differ
+    in bits only), and every pass over one Hessian reuses its one factor.
     """
     gptq = config.method == "gptq"
     if hessians is None:
@@ -110,13 +110,26 @@ def solve_layer(weights: Mapping[str, torch.Tensor], specs: Mapping[str, Sequenc
         pieces = [RowPiece(name, 0, W.shape[0], None) for name, W in weights.items()]
     else:
         pieces = row_pieces({name: hessians[name] for name in weights}, {n: W.shape[0] for n, W in weights.items()})
+    # A linear's specs are split by (group size, symmetry): one column pass serves specs that differ in bits
+    # only. The factor is per Hessian, so every group size of every linear sharing it reuses one factor.
+    parts: dict[str, list[tuple[tuple[int, ...], tuple[QuantSpec, ...]]]] = {}
+    for n in weights:
+        by_grid: dict[tuple, list[int]] = {}
+        for k, s in enumerate(specs[n]):
+            by_grid.setdefault((s.group_size, s.symmetric), []).append(k)
+        parts[n] = [(tuple(ks), tuple(specs[n][k] for k in ks)) for ks in by_grid.values()]
     stacks: dict[tuple, list[RowPiece]] = {}
+    where: dict[tuple, dict[str, tuple[int, ...]]] = {}  # stack -> linear -> indices into specs[linear]
     for p in pieces:
-        stacks.setdefault((id(p.hessian) if p.hessian is not None else p.name, tuple(specs[p.name])), []).append(p)
+        for ks, sub in parts[p.name]:
+            key = (id(p.hessian) if p.hessian is not None else p.name, sub)
+            stacks.setdefault(key, []).append(p)
+            where.setdefault(key, {})[p.name] = ks
 
     factors = {}
     got: dict[str, list[list[tuple[int, QuantizedWeight]]]] = {n: [[] for _ in specs[n]] for n in weights}
     blocks: dict[str, list[RowBlock]] = {n: [] for n in weights}
+    blocked: set[tuple[str, int]] = set()
     for (key, stack_specs), ps in stacks.items():
         Ws = torch.cat([weights[p.name][p.start:p.end] for p in ps])
         H = None
@@ -135,11 +148,14 @@ def solve_layer(weights: Mapping[str, torch.Tensor], specs: Mapping[str, Sequenc
             row = 0
             for p in ps:
                 n = p.end - p.start
-                got[p.name][k].append((p.start, QuantizedWeight(r.codes[row:row + n], r.scale[row:row + n],
-                                                                r.zero[row:row + n], r.spec)))
+                got[p.name][where[(key, stack_specs)][p.name][k]].append(
+                    (p.start, QuantizedWeight(r.codes[row:row + n], r.scale[row:row + n], r.zero[row:row + n],
+                                              r.spec)))
                 row += n
         if H is not None:
             for p in ps:
-                blocks[p.name].append(RowBlock(p.start, p.end, H))
+                if (p.name, p.start) not in blocked:  # one block per rows, however many group sizes
+                    blocked.add((p.name, p.start))
+                    blocks[p.name].append(RowBlock(p.start, p.end, H))
     return {n: LinearSolution(tuple(join_rows(lst) for lst in got[n]),
                               tuple(sorted(blocks[n], key=lambda b: b.start))) for n in weights}

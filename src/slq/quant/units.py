@@ -20,10 +20,17 @@ Sizes count weights only (biases stay in 16-bit and are not allocated): for a un
 
 ``n / G`` is an integer because ``G`` divides ``K`` after :func:`slq.spec.resolve_group_size`;
 ``bits = 16`` means "kept in 16-bit": exactly ``16 * n`` bits, no scales.
+
+Choices: what the search may give one unit is a :class:`Choice`, a bitwidth with a group size
+*resolved for the unit's K* (``None``: per-channel), or :data:`KEEP` (16-bit). Its label reads
+``"8g64"``, ``"8ch"`` (per-channel) or ``"16"``. :func:`unit_choices` lists a unit's choices for
+candidate bitwidths and requested group sizes; requests that resolve to the same group for this K
+(G = 128 and G = 64 on K = 576, or every G on K = 172) give one choice, not two.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -36,6 +43,72 @@ from .spec import SCALE_BITS, QuantSpec, resolve_group_size
 
 MODES = ("fused", "linear")
 KEEP_BITS = 16  # the allocation value meaning "leave this unit unquantized"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One allocation value: ``bits`` (2..8, or 16 = keep) at the resolved group size ``group`` (``None``:
+    per-channel; always ``None`` at 16)."""
+
+    bits: int
+    group: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits == KEEP_BITS:
+            if self.group is not None:
+                raise SlqError(f"a unit kept in 16-bit has no group size, got g{self.group}")
+        else:
+            QuantSpec(self.bits, self.group)  # validates bits and the group size
+
+    @property
+    def keep(self) -> bool:
+        return self.bits == KEEP_BITS
+
+    @property
+    def label(self) -> str:
+        if self.keep:
+            return str(KEEP_BITS)
+        return f"{self.bits}{'ch' if self.group is None else f'g{self.group}'}"
+
+    def __str__(self) -> str:
+        return self.label
+
+    def sort_key(self) -> tuple:
+        """Bits ascending, then coarse to fine groups (per-channel first)."""
+        return (self.bits, -(self.group or 1 << 30))
+
+    @classmethod
+    def parse(cls, label: "str | Choice") -> "Choice":
+        """``"8g64"`` -> Choice(8, 64), ``"8ch"`` -> Choice(8, None), ``"16"`` -> :data:`KEEP`."""
+        if isinstance(label, Choice):
+            return label
+        m = re.fullmatch(r"(\d+)(?:g(\d+)|(ch))?", str(label).strip())
+        if not m or (m.group(2) is None and m.group(3) is None and int(m.group(1)) != KEEP_BITS):
+            raise SlqError(f"not a choice label: {label!r} (expected e.g. '8g64', '8ch' or '16')")
+        return cls(int(m.group(1)), None if m.group(2) is None else int(m.group(2)))
+
+
+KEEP = Choice(KEEP_BITS, None)
+
+
+def unit_choices(unit: "Unit", bitwidths, groups, *, keep: bool | None = None) -> list[Choice]:
+    """The unit's distinct choices: each quantized bitwidth at each requested group resolved for ``unit.K``
+    (bits ascending, coarse groups first), then :data:`KEEP` when 16 is among ``bitwidths`` (or ``keep``)."""
+    out: list[Choice] = []
+    for b in sorted(set(int(x) for x in bitwidths if x != KEEP_BITS)):
+        for g in groups:
+            c = Choice(b, resolve_group_size(unit.K, g)[0])
+            if c not in out:
+                out.append(c)
+    out.sort(key=Choice.sort_key)
+    if keep if keep is not None else KEEP_BITS in bitwidths:
+        out.append(KEEP)
+    return out
+
+
+def choice_storage_bits(unit: "Unit", choice: Choice, symmetric: bool) -> int:
+    """Exact integer storage of ``unit`` at ``choice`` (see :func:`storage_bits`)."""
+    return storage_bits(unit, choice.bits, choice.group, symmetric)
 
 
 @dataclass(frozen=True)
@@ -113,7 +186,8 @@ def storage_bits(unit: Unit, bits: int, group_size: int | None, symmetric: bool)
 
 def unit_specs(units: list[Unit], bits: dict[str, int], group_size: int | None,
                symmetric: bool) -> dict[str, QuantSpec]:
-    """Expand a unit allocation (unit name -> bits) to module name -> :class:`QuantSpec`.
+    """Expand a unit allocation (unit name -> bits, or a :class:`Choice` / its label) to module name ->
+    :class:`QuantSpec`.
 
     Units at 16 bits are kept unquantized and are *absent* from the result. The specs
     carry the *requested* ``group_size``: :func:`slq.quantize.layer_spec` resolves it per
@@ -126,8 +200,16 @@ def unit_specs(units: list[Unit], bits: dict[str, int], group_size: int | None,
                        f"unknown {sorted(extra)[:3]}")
     out = {}
     for u in units:
-        if bits[u.name] == KEEP_BITS:
+        v = bits[u.name]
+        if isinstance(v, (str, Choice)):  # a choice carries its own (resolved) group size
+            c = Choice.parse(v)
+            if c.keep:
+                continue
+            spec = QuantSpec(c.bits, c.group, symmetric)
+            out.update({m: spec for m in u.members})
             continue
-        spec = QuantSpec(bits[u.name], group_size, symmetric)
+        if v == KEEP_BITS:
+            continue
+        spec = QuantSpec(v, group_size, symmetric)
         out.update({m: spec for m in u.members})
     return out

@@ -139,6 +139,35 @@ def _frontier(c: np.ndarray, s: np.ndarray) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
+def prune_dominated(sizes: Sequence[int], scores: Sequence[float], protected: Sequence[bool] | None = None
+                    ) -> tuple[list[int], dict[int, int]]:
+    """One unit's choices without the dominated ones: ``j`` goes when some ``k`` has ``sizes[k] <= sizes[j]``
+    and ``scores[k] <= scores[j]`` (the tie rule of :func:`_frontier`: the smaller size among equal scores, the
+    lower score among equal sizes, the lower index among duplicates). ``protected[j]`` keeps ``j`` anyway.
+
+    Returns (kept indices ascending, pruned index -> the frontier index that dominates it). When the solve's
+    costs are the scores (or order the choices the same way), no choice it can pick is pruned: both solvers only
+    ever pick from this frontier.
+    """
+    c = np.asarray(scores, dtype=np.float64)
+    s = np.asarray(sizes, dtype=np.int64)
+    if c.shape != s.shape or c.ndim != 1:
+        raise SlqError(f"prune_dominated: {c.shape} scores for {s.shape} sizes")
+    front = [int(j) for j in _frontier(c, s)] if c.size else []
+    if not front:  # nothing finite to judge by: keep everything
+        return list(range(len(c))), {}
+    prot = [False] * len(c) if protected is None else [bool(p) for p in protected]
+    kept = sorted(set(front) | {j for j in range(len(c)) if prot[j]})
+    by = {}
+    for j in range(len(c)):
+        if j in kept:
+            continue
+        # the dominating frontier choice: the cheapest-scoring one among those no larger
+        cands = [k for k in front if s[k] <= s[j] and c[k] <= c[j]]
+        by[j] = min(cands, key=lambda k: (c[k], s[k], k)) if cands else front[0]
+    return kept, by
+
+
 def _reduce(cs: list[np.ndarray], ss: list[np.ndarray], keep: list[np.ndarray]) -> _Reduced:
     """Shift and scale the kept choices: d = (s - m_i) / g, c - min_j c_ij."""
     m = [int(s[k].min()) for s, k in zip(ss, keep)]

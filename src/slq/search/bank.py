@@ -1,4 +1,4 @@
-"""The bank: every allocation unit quantized once at every candidate bitwidth.
+"""The bank: every allocation unit quantized once at every candidate choice (bitwidth, group size).
 
 Trying an allocation during the bit search is then a tensor copy, not a re-quantization.
 
@@ -14,12 +14,22 @@ How it is built (``build_bank``):
   solved in one pass over the columns (:func:`slq.quant.gptq.gptq_quantize_many`), which gives each
   bitwidth exactly the codes of a separate run. RTN on request (Hessians are still taken, for the
   error statistics below).
-- Per unit and bitwidth it records the relative output error
+- Choices (:class:`~slq.quant.units.Choice`): every candidate bitwidth at every requested group size
+  (``groups``; default the config's one ``group_size``), resolved per unit K and deduplicated. The group
+  sizes of one linear share its Hessian's one factor (:func:`slq.quant.solve.solve_layer`).
+- Pruning (several group sizes only): before GPTQ runs, each choice is scored by RTN's relative output
+  error ``t_rtn`` (below; cheap: no column loop). A choice is *dominated* when another choice of the unit
+  stores no more bits and has no larger ``t_rtn`` (the allocator's own per-unit frontier rule,
+  :func:`slq.search.allocate.prune_dominated`, on (storage bits, ``t_rtn``)); dominated choices are not
+  solved, and ``bank.json`` records each with the choice that dominates it. The choices at the config's own
+  group size are never pruned (uniform assemblies, probes and the TL anchor use them).
+- Per unit and choice it records the relative output error
   ``t(b) = sum_members tr(dW H dW^T) / sum_members tr(W H W^T)``, the quantity the linearity
   estimator scales.
 
 Storage (``workdir``): one safetensors file per decoder layer holding the packed codes, scales
-and zero points of every member at every bitwidth (the checkpoint's own packing, so b/8 bytes
+and zero points of every member at every choice (``{member}.b{bits}.*`` with one group size, as before, so
+existing banks resume; ``{member}.b{label}.*``, e.g. ``b8g64``, with several) (the checkpoint's own packing, so b/8 bytes
 per weight), plus ``bank.json`` with the settings fingerprint and the error statistics. Each
 layer file is written to a temporary name, fsync'ed and renamed, and ``bank.json`` (with each layer
 file's size and sha256) is rewritten the same way after each layer: an interrupted build resumes at
@@ -44,10 +54,12 @@ from torch import nn
 from ..quant.calib import (capture_layer0_inputs, collect_hessians, decoder_layers, eager_attention, layer_linears,
                            run_layer)
 from ..quant.config import QuantConfig
-from ..quant.grid import QuantizedWeight
+from ..quant.gptq import RowBlockHessians, output_error
+from ..quant.grid import QuantizedWeight, quantize_rtn
 from ..quant.solve import layer_weights, solve_layer
 from ..quant.spec import QuantSpec, resolve_group_size
-from ..quant.units import KEEP_BITS, Unit
+from ..quant.units import KEEP, KEEP_BITS, Choice, Unit, choice_storage_bits, unit_choices
+from .allocate import prune_dominated
 from ..runtime.checkpoint import pack_weight, unpack_weight
 from ..util.atomic import replace_file
 from ..util.errors import SlqError
@@ -104,9 +116,12 @@ def fingerprint(model: nn.Module, windows: torch.Tensor | None, settings: dict) 
 
 @dataclass
 class Bank:
-    """Quantized weights of every unit at every bitwidth, plus the original weights.
+    """Quantized weights of every unit at every surviving choice, plus the original weights.
 
-    ``t[unit][bits]``: relative output error of the unit at that bitwidth (0 at 16).
+    ``t[unit][choice]``: relative output error of the unit at that :class:`Choice` (0 at :data:`KEEP`); its
+    keys are the unit's choices (after pruning), with :data:`KEEP`. ``group_size`` is the config's own
+    (requested) group size, the one a bare bitwidth means; ``groups`` every requested one.
+    ``pruned[unit]``: label -> the label of the choice that dominates it (and the RTN scores compared).
     """
 
     workdir: Path
@@ -115,36 +130,58 @@ class Bank:
     group_size: int | None
     symmetric: bool
     method: str
-    t: dict[str, dict[int, float]]
+    t: dict[str, dict[Choice, float]]
     original: dict[str, torch.Tensor]  # member -> fp32 weight of the reference
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"  # where entries are unpacked and dequantized (the model's device)
+    groups: tuple = ()
+    pruned: dict[str, dict[str, dict]] = field(default_factory=dict)
     _tensors: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.groups:
+            self.groups = (self.group_size,)
 
     @property
     def unit_map(self) -> dict[str, Unit]:
         return {u.name: u for u in self.units}
 
-    def spec(self, unit: Unit, bits: int) -> QuantSpec:
-        return QuantSpec(bits, resolve_group_size(unit.K, self.group_size)[0], self.symmetric)
+    def choices(self, unit: Unit) -> list[Choice]:
+        """The unit's quantized choices held by the bank (pruned ones left out), bits ascending."""
+        return sorted((c for c in self.t[unit.name] if not c.keep), key=Choice.sort_key)
+
+    def choice(self, unit: Unit, value) -> Choice:
+        """``value`` as a :class:`Choice` of ``unit``: a Choice or its label as is; a bare bitwidth at the
+        config's own group size (resolved for the unit's K); 16 is :data:`KEEP`."""
+        if isinstance(value, (Choice, str)):
+            return Choice.parse(value)
+        if int(value) == KEEP_BITS:
+            return KEEP
+        return Choice(int(value), resolve_group_size(unit.K, self.group_size)[0])
+
+    def spec(self, unit: Unit, bits) -> QuantSpec:
+        c = self.choice(unit, bits)
+        return QuantSpec(c.bits, c.group, self.symmetric)
 
     def _layer(self, i: int) -> dict[str, torch.Tensor]:
         if i not in self._tensors:
             self._tensors[i] = load_file(str(_layer_file(self.workdir, i)))
         return self._tensors[i]
 
-    def qweight(self, unit: Unit, member: str, bits: int) -> QuantizedWeight:
-        if bits not in self.bitwidths:
-            raise SlqError(f"bitwidth {bits} is not in the bank ({self.bitwidths})")
+    def qweight(self, unit: Unit, member: str, bits) -> QuantizedWeight:
+        c = self.choice(unit, bits)
+        if c.keep or c not in self.t[unit.name]:
+            raise SlqError(f"choice {c} of {unit.name} is not in the bank "
+                           f"({', '.join(map(str, self.choices(unit)))})")
         t = self._layer(unit.layer)
-        prefix = f"{member}.b{bits}."
+        prefix = f"{member}.b{_entry_key(c, self.groups)}."
         parts = {k[len(prefix):]: v.to(self.device, non_blocking=True) for k, v in t.items() if k.startswith(prefix)}
-        return unpack_weight(parts, self.spec(unit, bits), f"bank {member} @ {bits} bits")
+        return unpack_weight(parts, self.spec(unit, c), f"bank {member} @ {c}")
 
-    def dequantized(self, unit: Unit, member: str, bits: int) -> torch.Tensor:
-        """The weight a unit gets at ``bits``; 16 is the reference weight rounded to fp16 (what the
-        checkpoint stores for a unit kept in 16-bit, so what is measured is what is shipped)."""
-        if bits == KEEP_BITS:
+    def dequantized(self, unit: Unit, member: str, bits) -> torch.Tensor:
+        """The weight a unit gets at a choice (or bitwidth); 16 is the reference weight rounded to fp16 (what
+        the checkpoint stores for a unit kept in 16-bit, so what is measured is what is shipped)."""
+        if self.choice(unit, bits).keep:
             return self.original[member].to(self.device).half().float()
         return self.qweight(unit, member, bits).dequantize()
 
@@ -158,19 +195,21 @@ class Bank:
             self._states[key] = (model, {})
         return self._states[key][1]
 
-    def apply(self, model: nn.Module, allocation: dict[str, int]) -> None:
-        """Set the model's weights to the allocation (unit -> bits; 16 = the reference rounded to fp16)."""
+    def apply(self, model: nn.Module, allocation: dict) -> None:
+        """Set the model's weights to the allocation (unit -> choice, label or bitwidth; 16 = the reference
+        rounded to fp16)."""
         mods = dict(model.named_modules())
         umap = self.unit_map
         state = self._state(model)
-        for name, bits in allocation.items():
-            if state.get(name) == bits:
-                continue
+        for name, value in allocation.items():
             u = umap[name]
+            c = self.choice(u, value)
+            if state.get(name) == c:
+                continue
             for m in u.members:
                 w = mods[m].weight
-                w.data.copy_(self.dequantized(u, m, bits).to(w.device, w.dtype))
-            state[name] = bits
+                w.data.copy_(self.dequantized(u, m, c).to(w.device, w.dtype))
+            state[name] = c
 
     def restore(self, model: nn.Module, units: list[str] | None = None) -> None:
         """Put the exact reference weights back (all units, or the named ones)."""
@@ -185,16 +224,22 @@ class Bank:
                 w.data.copy_(self.original[m].to(w.device, w.dtype))
             state[name] = "ref"
 
-    def qweights(self, allocation: dict[str, int]) -> dict[str, QuantizedWeight]:
+    def qweights(self, allocation: dict) -> dict[str, QuantizedWeight]:
         """Member -> codes for every quantized unit of the allocation (for the checkpoint)."""
         out = {}
         for u in self.units:
-            b = allocation[u.name]
-            if b != KEEP_BITS:
+            c = self.choice(u, allocation[u.name])
+            if not c.keep:
                 for m in u.members:
-                    q = self.qweight(u, m, b)
+                    q = self.qweight(u, m, c)
                     out[m] = QuantizedWeight(q.codes.cpu(), q.scale.cpu(), q.zero.cpu(), q.spec)
         return out
+
+
+def _entry_key(c: Choice, groups: tuple) -> str:
+    """How a choice is named in the layer files and ``bank.json``: its bitwidth alone with one requested group
+    size (the layout of banks built before group choices), its label with several."""
+    return str(c.bits) if len(set(groups)) == 1 else c.label
 
 
 def _settings(units, bitwidths, group_size, symmetric, method, clip, damp, attention) -> dict:
@@ -212,20 +257,25 @@ def build_bank(
     config: QuantConfig,
     *,
     bitwidths: tuple[int, ...],
+    groups: tuple | None = None,
     progress: bool = True,
 ) -> Bank:
-    """Quantize every unit at every bitwidth (resuming from ``workdir`` when it holds a partial bank).
+    """Quantize every unit at every choice (resuming from ``workdir`` when it holds a partial bank).
 
     ``model`` is the reference; its weights are left untouched. ``config`` gives the grid (group size,
     symmetry), the method and GPTQ's options, the batch size and the device (its ``bits`` is unused).
-    ``bitwidths`` are the quantized candidates (2..8); "keep in 16-bit" needs no bank entry. With
+    ``bitwidths`` are the quantized candidates (2..8); "keep in 16-bit" needs no bank entry. ``groups``: the
+    requested group sizes (``None`` per-channel; default ``(config.group_size,)``); with several, dominated
+    choices are pruned before GPTQ (module docstring). With
     ``config.attention`` key and value projections get attention-aware Hessians (one per key/value head,
     :mod:`slq.quant.calib`), for GPTQ and for the error statistics.
     """
     bitwidths = tuple(sorted(set(int(b) for b in bitwidths)))
     group_size, symmetric, method, attention = config.group_size, config.symmetric, config.method, config.attention
+    groups = (group_size,) if groups is None else tuple(dict.fromkeys(groups))
     for b in bitwidths:
-        QuantSpec(b, group_size, symmetric)  # validates
+        for g in groups:
+            QuantSpec(b, g, symmetric)  # validates
     if windows is None or len(windows) == 0:
         raise SlqError("the bank needs calibration windows (Hessians for GPTQ and the error statistics)")
     workdir = Path(workdir)
@@ -233,6 +283,8 @@ def build_bank(
     settings = _settings(units, bitwidths, group_size, symmetric, method, config.clip, config.damp, attention)
     if config.act_order:  # only when on, so the fingerprints of banks built before the option stay valid
         settings["act_order"] = True
+    if groups != (group_size,):  # only with group choices, so the fingerprints of one-group banks stay valid
+        settings["groups"] = list(groups)
     fp = fingerprint(model, windows, settings)
     meta_path = workdir / META
     meta = {"fingerprint": fp, "settings": settings, "layers": {}}
@@ -265,7 +317,7 @@ def build_bank(
                 bar.advance(task, len(layers) - i)
                 break
             if i in todo and i in by_layer:
-                built = _bank_layer(layer, i, by_layer[i], batches, workdir, config, bitwidths, prefix)
+                built = _bank_layer(layer, i, by_layer[i], batches, workdir, config, bitwidths, prefix, groups)
                 meta["layers"][str(i)] = built.stats
                 meta.setdefault("files", {})[str(i)] = _file_record(_layer_file(workdir, i))
                 for k, v in built.timings.items():
@@ -277,34 +329,85 @@ def build_bank(
                 batches = run_layer(layer, batches)
             bar.advance(task)
 
-    t = {u.name: {int(b): v for b, v in meta["layers"][str(u.layer)][u.name]["t"].items()} for u in units}
+    t, pruned = {}, {}
     for u in units:
-        t[u.name][KEEP_BITS] = 0.0
+        rec = meta["layers"][str(u.layer)][u.name]
+        named = {_entry_key(c, groups): c for c in unit_choices(u, bitwidths, groups, keep=False)}
+        t[u.name] = {named[k]: v for k, v in rec["t"].items()}
+        t[u.name][KEEP] = 0.0
+        if rec.get("pruned"):
+            pruned[u.name] = rec["pruned"]
     return Bank(workdir, units, bitwidths, group_size, symmetric, method, t, original,
                 timings={"bank_s": time.perf_counter() - t0, "layers_built": len(todo), **parts},
-                device=str(config.device))
+                device=str(config.device), groups=groups, pruned=pruned)
 
 
 class LayerBank(NamedTuple):
     """What one decoder layer adds to the bank: its units' statistics as ``bank.json`` stores them
-    (unit -> ``{"t": {bits: t(b)}}``) and where the time went."""
+    (unit -> ``{"t": {choice: t}, "pruned": {choice: why}}``) and where the time went."""
 
-    stats: dict[str, dict[str, dict[str, float]]]
+    stats: dict[str, dict[str, dict]]
     timings: dict[str, float]
 
 
+def _rtn_scores(W: dict[str, torch.Tensor], units: list[Unit], choices: dict[str, list[Choice]], symmetric: bool,
+                hessians: dict, relname: dict[str, str], clip: bool) -> dict[str, list[float]]:
+    """Per unit, RTN's relative output error ``sum tr(dW H dW^T) / sum tr(W H W^T)`` at each choice: the cheap
+    score pruning judges by (the attention-aware Hessians' row blocks included, as GPTQ sees them)."""
+    def err(m: str, W_hat: torch.Tensor) -> float:
+        h = hessians[relname[m]]
+        if isinstance(h, RowBlockHessians):
+            return sum(output_error(W[m][g * h.rows:(g + 1) * h.rows], W_hat[g * h.rows:(g + 1) * h.rows],
+                                    acc.H.to(W_hat.device)) for g, acc in enumerate(h.blocks))
+        return output_error(W[m], W_hat, h.H.to(W_hat.device))
+
+    out = {}
+    for u in units:
+        base = sum(err(m, torch.zeros_like(W[m])) for m in u.members)
+        out[u.name] = [sum(err(m, quantize_rtn(W[m], QuantSpec(c.bits, c.group, symmetric), clip=clip).dequantize())
+                           for m in u.members) / max(base, 1e-30) for c in choices[u.name]]
+    return out
+
+
+def _prune(units: list[Unit], choices: dict[str, list[Choice]], scores: dict[str, list[float]], symmetric: bool,
+           protected_group: int | None) -> tuple[dict[str, list[Choice]], dict[str, dict[str, dict]]]:
+    """Each unit's choices with the dominated ones removed (by storage bits and RTN score), and why."""
+    kept, why = {}, {}
+    for u in units:
+        cs = choices[u.name]
+        sizes = [choice_storage_bits(u, c, symmetric) for c in cs]
+        own = resolve_group_size(u.K, protected_group)[0]
+        keep, by = prune_dominated(sizes, scores[u.name], protected=[c.group == own for c in cs])
+        kept[u.name] = [cs[j] for j in keep]
+        why[u.name] = {cs[j].label: {"by": cs[k].label, "bits": sizes[j], "by_bits": sizes[k],
+                                     "rtn_t": scores[u.name][j], "by_rtn_t": scores[u.name][k]}
+                       for j, k in by.items()}
+    return kept, why
+
+
 def _bank_layer(layer: nn.Module, i: int, units: list[Unit], batches: list, workdir: Path, config: QuantConfig,
-                bitwidths: tuple[int, ...], prefix: str) -> LayerBank:
-    """Quantize the units of decoder layer ``i`` at every bitwidth (:func:`slq.quant.solve.solve_layer`),
-    write their packed entries to the layer's file and return their error statistics."""
+                bitwidths: tuple[int, ...], prefix: str, groups: tuple | None = None) -> LayerBank:
+    """Quantize the units of decoder layer ``i`` at every choice (:func:`slq.quant.solve.solve_layer`; with
+    several group sizes the dominated choices are pruned first), write their packed entries to the layer's
+    file and return their error statistics."""
+    groups = (config.group_size,) if groups is None else groups
     t_start = time.perf_counter()
     rel = layer_linears(layer)
     members = [m for u in units for m in u.members]
     relname = {m: m[len(f"{prefix}.{i}."):] for m in members}
     hessians = collect_hessians(layer, batches, [relname[m] for m in members], attention=config.attention)
     W = layer_weights({m: rel[relname[m]] for m in members})
-    specs = {m: tuple(QuantSpec(b, resolve_group_size(W[m].shape[1], config.group_size)[0], config.symmetric)
-                      for b in bitwidths) for m in members}
+    choices = {u.name: unit_choices(u, bitwidths, groups, keep=False) for u in units}
+    pruned: dict[str, dict[str, dict]] = {u.name: {} for u in units}
+    t_prune = 0.0
+    if len(set(groups)) > 1:
+        tp = time.perf_counter()
+        scores = _rtn_scores(W, units, choices, config.symmetric, hessians, relname, config.clip)
+        choices, pruned = _prune(units, choices, scores, config.symmetric, config.group_size)
+        t_prune = time.perf_counter() - tp
+    unit_of = {m: u for u in units for m in u.members}
+    specs = {m: tuple(QuantSpec(c.bits, c.group, config.symmetric) for c in choices[unit_of[m].name])
+             for m in members}
     solved = solve_layer(W, specs, config, {m: hessians[relname[m]] for m in members})
     t_stats = time.perf_counter()
     # Error statistics and packing run where the layer runs (a GPU for large models); only the packed
@@ -314,19 +417,20 @@ def _bank_layer(layer: nn.Module, i: int, units: list[Unit], batches: list, work
     for u in units:
         base = sum(solved[m].output_error(W[m], torch.zeros_like(W[m])) for m in u.members)
         t = {}
-        for k, b in enumerate(bitwidths):
+        for k, c in enumerate(choices[u.name]):
+            key = _entry_key(c, groups)
             err = 0.0
             for m in u.members:
                 q = solved[m].qweights[k]
                 err += solved[m].output_error(W[m], q.dequantize())
                 for name, v in pack_weight(q).items():
-                    tensors[f"{m}.b{b}.{name}"] = v.cpu()
-            t[str(b)] = err / max(base, 1e-30)
-        stats[u.name] = {"t": t}
+                    tensors[f"{m}.b{key}.{name}"] = v.cpu()
+            t[key] = err / max(base, 1e-30)
+        stats[u.name] = {"t": t, **({"pruned": pruned[u.name]} if pruned[u.name] else {})}
     t_save = time.perf_counter()
     path = _layer_file(workdir, i)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"producer": "slq bank"})
     replace_file(tmp, path)  # fsync'ed before the rename: a renamed layer file is a complete one
-    return LayerBank(stats, {"hessian_gptq_s": t_stats - t_start, "stats_pack_s": t_save - t_stats,
-                             "save_s": time.perf_counter() - t_save})
+    return LayerBank(stats, {"hessian_gptq_s": t_stats - t_start - t_prune, "prune_s": t_prune,
+                             "stats_pack_s": t_save - t_stats, "save_s": time.perf_counter() - t_save})

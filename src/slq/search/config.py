@@ -6,8 +6,8 @@ targets read it. Each default is declared here once and validated once; a bad va
 settings (those of :class:`QuantConfig`, except its ``bits``, go into ``.quant``; ``bits`` is the search's
 budget), the form :func:`slq.search.search` also accepts.
 
-Two defaults are derived from other fields: ``probe_bits`` (4, or the candidate nearest to it) and
-``confirm_windows`` (as many as ``verify_windows``). They are resolved at construction, and :meth:`with_`
+Three defaults are derived from other fields: ``probe_bits`` (4, or the candidate nearest to it),
+``confirm_windows`` (as many as ``verify_windows``) and ``groups`` (the one ``quant.group_size``). They are resolved at construction, and :meth:`with_`
 derives them again from the new settings unless they were given explicitly.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from .estimators import ESTIMATORS
 from .targets import ANCHOR_BITS, TARGETS
 from ..quant.config import QuantConfig
+from ..quant.spec import ALLOWED_GROUP_SIZES
 from ..quant.units import KEEP_BITS
 from ..util.errors import ConfigError
 
@@ -49,6 +50,24 @@ def _ints(name: str, v) -> tuple[int, ...]:
     return out
 
 
+def _groups(v, own) -> tuple:
+    """The candidate group sizes: ``None`` -> ``(own,)``; else distinct, coarse to fine (per-channel first),
+    each an allowed group size, ``own`` among them."""
+    if v is None:
+        return (own,)
+    if isinstance(v, (str, bytes, int)) or not hasattr(v, "__iter__"):
+        raise ConfigError("groups", f"{{field}} must be a sequence of group sizes, got {v!r}")
+    gs = tuple(dict.fromkeys(v))
+    bad = [g for g in gs if g not in ALLOWED_GROUP_SIZES or (g is not None and not _is_int(g))]
+    if not gs or bad:
+        raise ConfigError("groups", f"{{field}} must be group sizes among 16, 32, 64, 128, 256 or None "
+                                    f"(per-channel), got {list(v)!r}")
+    if own not in gs:
+        raise ConfigError("groups", f"{{field}} {list(gs)} must include the group size {own} (group_size): "
+                                    "uniform assemblies and probes use it")
+    return tuple(sorted(gs, key=lambda g: -(g or 1 << 30)))
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """Settings of one search.
@@ -64,6 +83,9 @@ class SearchConfig:
     :param tolerance: TL: the largest accuracy change that still counts as lossless.
     :param max_rounds: verification rounds at most.
     :param bitwidths: candidate bitwidths per unit, 2..8, and 16 for "keep in 16-bit".
+    :param groups: candidate group sizes per unit (16..256, ``None`` per-channel), each resolved per unit K;
+        every choice is a (bitwidth, group size) pair. ``None``: ``(quant.group_size,)``, one group size.
+        ``quant.group_size`` is the one uniform assemblies, probes and the TL anchor use, so it must be among them.
     :param units: ``"fused"`` (linears a fused kernel shares get one bitwidth) or ``"linear"``.
     :param estimator: sensitivity estimator, a name in :data:`slq.search.estimators.ESTIMATORS`.
     :param sens_windows: calibration windows the sensitivities are measured on.
@@ -91,6 +113,7 @@ class SearchConfig:
     tolerance: float = 0.01
     max_rounds: int = 4
     bitwidths: tuple[int, ...] = DEFAULT_BITWIDTHS
+    groups: tuple | None = None
     units: str = "fused"
     estimator: str = "linear"
     sens_windows: int = 8
@@ -147,7 +170,8 @@ class SearchConfig:
         if self.sens_seq_len is not None and not (_is_int(self.sens_seq_len)
                                                   and 2 <= self.sens_seq_len <= self.quant.seq_len):
             raise ConfigError("sens_seq_len", f"{{field}} must be in 2..{self.quant.seq_len}, got {self.sens_seq_len}")
-        derived = {name for name in ("probe_bits", "confirm_windows") if getattr(self, name) is None}
+        derived = {name for name in ("probe_bits", "confirm_windows", "groups") if getattr(self, name) is None}
+        object.__setattr__(self, "groups", _groups(self.groups, self.quant.group_size))
         object.__setattr__(self, "_derived", frozenset(derived))
         cw = self.verify_windows if self.confirm_windows is None else self.confirm_windows
         if not _is_int(cw) or cw < 0:

@@ -1,4 +1,8 @@
-"""Sensitivity estimators: the predicted KL of each allocation unit at each bitwidth, registered by name.
+"""Sensitivity estimators: the predicted KL of each allocation unit at each choice, registered by name.
+
+A choice is a bitwidth at a group size (:class:`~slq.quant.units.Choice`). Probes and Shapley's uniform
+switches run at the bank's own group size; the other group sizes are priced through ``t`` (the linear and
+Shapley estimators) or directly (Fisher: one inner product per choice).
 
 Every estimator scores against the reference on the same sensitivity windows and returns a
 :class:`~slq.search.prober.Sensitivity` (``kl[unit][bits]``, made monotone, 0 at 16).
@@ -36,7 +40,7 @@ from torch import nn
 
 from .bank import Bank
 from .prober import Prober, Sensitivity, monotone
-from ..quant.units import KEEP_BITS
+from ..quant.units import KEEP
 from ..util.errors import ConfigError
 from ..util.progress import progress_bar
 
@@ -55,7 +59,7 @@ def linear_estimator(prober: Prober, *, probe_bits: tuple[int, ...] = (4,), prog
     t0, calls0 = time.perf_counter(), prober.calls
     kl, tv, probes = {}, {}, []
     for b in probe_bits:
-        if b not in bank.bitwidths:
+        if b not in bank.bitwidths:  # probed at the bank's own group size; alpha serves every group size
             raise ConfigError("probe_bits", f"probe bitwidth {b} ({{field}}) is not among the bank's bitwidths "
                                             f"{bank.bitwidths}")
     prober.reset()
@@ -64,11 +68,12 @@ def linear_estimator(prober: Prober, *, probe_bits: tuple[int, ...] = (4,), prog
         for u in bank.units:
             xs, ys, zs = [], [], []
             for b in probe_bits:
-                prober.set({u.name: b})
+                c = bank.choice(u, b)
+                prober.set({u.name: c})
                 k, d = prober.measure()
-                prober.set({u.name: KEEP_BITS})
-                t = bank.t[u.name][b]
-                probes.append({"unit": u.name, "bits": b, "t": t, "kl": k, "tv": d})
+                prober.set({u.name: KEEP})
+                t = bank.t[u.name][c]
+                probes.append({"unit": u.name, "bits": b, "choice": c.label, "t": t, "kl": k, "tv": d})
                 xs.append(t)
                 ys.append(k)
                 zs.append(d)
@@ -76,8 +81,8 @@ def linear_estimator(prober: Prober, *, probe_bits: tuple[int, ...] = (4,), prog
             alpha = _fit_through_origin(xs, ys)
             # 1-EAR of one unit scales like sqrt(KL) for small perturbations: fit it on sqrt(t)
             beta = _fit_through_origin([math.sqrt(x) for x in xs], zs)
-            kl[u.name] = monotone({b: alpha * bank.t[u.name][b] for b in bank.t[u.name]})
-            tv[u.name] = monotone({b: beta * math.sqrt(bank.t[u.name][b]) for b in bank.t[u.name]})
+            kl[u.name] = monotone({c: alpha * t for c, t in bank.t[u.name].items()})
+            tv[u.name] = monotone({c: beta * math.sqrt(t) for c, t in bank.t[u.name].items()})
     prober.reset()
     return Sensitivity("linear", kl, tv, probes, time.perf_counter() - t0, prober.calls - calls0,
                        {"probe_bits": list(probe_bits)})
@@ -113,30 +118,36 @@ def shapley_estimator(prober: Prober, *, orderings: int = 2, bitwidths: tuple[in
     # coefficient (marginal / t) of the units at that bitwidth instead.
     med_kl, med_tv = {}, {}
     for b in bits_list:
-        rk = [sums_kl[u.name][b] / orderings / bank.t[u.name][b] for u in bank.units
-              if sums_kl[u.name][b] > 0 and bank.t[u.name][b] > 0]
-        rd = [sums_tv[u.name][b] / orderings / math.sqrt(bank.t[u.name][b]) for u in bank.units
-              if sums_tv[u.name][b] > 0 and bank.t[u.name][b] > 0]
+        tb = {u.name: bank.t[u.name][bank.choice(u, b)] for u in bank.units}
+        rk = [sums_kl[u.name][b] / orderings / tb[u.name] for u in bank.units
+              if sums_kl[u.name][b] > 0 and tb[u.name] > 0]
+        rd = [sums_tv[u.name][b] / orderings / math.sqrt(tb[u.name]) for u in bank.units
+              if sums_tv[u.name][b] > 0 and tb[u.name] > 0]
         med_kl[b] = float(np.median(rk)) if rk else 0.0
         med_tv[b] = float(np.median(rd)) if rd else 0.0
     floored = 0
     kl, tv = {}, {}
     for u in bank.units:
+        tu = {b: bank.t[u.name][bank.choice(u, b)] for b in bits_list}
         mk = {b: sums_kl[u.name][b] / orderings for b in bits_list}
         md = {b: sums_tv[u.name][b] / orderings for b in bits_list}
         for b in bits_list:
             if mk[b] <= 0:
-                mk[b] = med_kl[b] * bank.t[u.name][b]
+                mk[b] = med_kl[b] * tu[b]
                 floored += 1
             if md[b] <= 0:
-                md[b] = med_tv[b] * math.sqrt(bank.t[u.name][b])
-        # bitwidths in the bank but not sampled: scale the nearest sampled one by t (linearity)
-        for b in bank.bitwidths:
-            if b not in mk:
-                ref_b = min(bits_list, key=lambda x: abs(x - b))
-                ratio = bank.t[u.name][b] / max(bank.t[u.name][ref_b], 1e-30)
-                mk[b], md[b] = mk[ref_b] * ratio, md[ref_b] * math.sqrt(ratio)
-        mk[KEEP_BITS] = md[KEEP_BITS] = 0.0
+                md[b] = med_tv[b] * math.sqrt(tu[b])
+        mk = {bank.choice(u, b): v for b, v in mk.items()}
+        md = {bank.choice(u, b): v for b, v in md.items()}
+        # choices in the bank but not sampled (other bitwidths, other group sizes): scale the sampled one
+        # nearest in bits by t (linearity)
+        for c in bank.choices(u):
+            if c not in mk:
+                ref_b = min(bits_list, key=lambda x: (abs(x - c.bits), x))
+                ratio = bank.t[u.name][c] / max(tu[ref_b], 1e-30)
+                ref = bank.choice(u, ref_b)
+                mk[c], md[c] = mk[ref] * ratio, md[ref] * math.sqrt(ratio)
+        mk[KEEP] = md[KEEP] = 0.0
         kl[u.name], tv[u.name] = monotone(mk), monotone(md)
     raw = {str(b): math.fsum(sums_kl[n][b] for n in names) / orderings for b in bits_list}
     return Sensitivity("shapley", kl, tv, [], time.perf_counter() - t0, prober.calls - calls0,
@@ -152,12 +163,12 @@ def fisher_estimator(model: nn.Module, bank: Bank, windows: torch.Tensor, *, dra
     members = [(u, m) for u in bank.units for m in u.members]
     # (member, bits) -> W_hat - W; fp32 while that stays under 4 GiB, else bf16 (only inner products
     # with gradients are taken, so bf16's 3 significant digits are plenty)
-    n_el = sum(bank.original[m].numel() for _, m in members) * len(bank.bitwidths)
+    n_el = sum(bank.original[m].numel() * len(bank.choices(u)) for u, m in members)
     store = torch.float32 if n_el * 4 <= 4 << 30 else torch.bfloat16
     deltas = {}
     for u, m in members:
-        for b in bank.bitwidths:
-            deltas[(m, b)] = (bank.dequantized(u, m, b) - bank.original[m].to(bank.device)).to(device, store)
+        for c in bank.choices(u):
+            deltas[(m, c)] = (bank.dequantized(u, m, c) - bank.original[m].to(bank.device)).to(device, store)
     params = {m: mods[m].weight for _, m in members}
     was = {m: p.requires_grad for m, p in params.items()}
     others = [p for p in model.parameters() if all(p is not q for q in params.values())]
@@ -166,7 +177,7 @@ def fisher_estimator(model: nn.Module, bank: Bank, windows: torch.Tensor, *, dra
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
-    sq = {(u.name, b): 0.0 for u in bank.units for b in bank.bitwidths}
+    sq = {(u.name, c): 0.0 for u in bank.units for c in bank.choices(u)}
     gen = torch.Generator().manual_seed(seed)
     n_tok = 0
     ids_all = windows[:, :-1]
@@ -185,10 +196,10 @@ def fisher_estimator(model: nn.Module, bank: Bank, windows: torch.Tensor, *, dra
                     grads = torch.autograd.grad(score, list(params.values()), retain_graph=r + 1 < draws)
                     g = dict(zip(params, grads))
                     for u in bank.units:
-                        for b in bank.bitwidths:
-                            s = sum(float(torch.dot(g[m].flatten().float(), deltas[(m, b)].flatten().float()))
+                        for c in bank.choices(u):
+                            s = sum(float(torch.dot(g[m].flatten().float(), deltas[(m, c)].flatten().float()))
                                     for m in u.members)
-                            sq[(u.name, b)] += s * s
+                            sq[(u.name, c)] += s * s
                     bar.advance(task)
     finally:
         for m, p in params.items():
@@ -198,8 +209,8 @@ def fisher_estimator(model: nn.Module, bank: Bank, windows: torch.Tensor, *, dra
             p.requires_grad_(r)
     kl = {}
     for u in bank.units:
-        est = {b: 0.5 * sq[(u.name, b)] / (draws * n_tok) for b in bank.bitwidths}
-        est[KEEP_BITS] = 0.0
+        est = {c: 0.5 * sq[(u.name, c)] / (draws * n_tok) for c in bank.choices(u)}
+        est[KEEP] = 0.0
         kl[u.name] = monotone(est)
     # 1-EAR of a single unit ~ c * sqrt(KL); c from the Pinsker-like small-perturbation relation
     # TV ~ sqrt(KL / 2) * kappa is not known per model: the search's EarMap is fitted on measured points,

@@ -6,7 +6,7 @@ calibration windows, disjoint from the windows the search verifies on). After a 
 ``l`` costs ``L - l`` layers plus the head. KL(p || q) and TV(p, q) = 1 - EAR are taken over the full
 vocabulary in fp32, summed over positions and divided by the token count.
 
-A :class:`Sensitivity` holds ``kl[unit][bits]``: the predicted mean KL(reference || candidate) per token when
+A :class:`Sensitivity` holds ``kl[unit][choice]`` (a bitwidth at a group size): the predicted mean KL per token when
 that unit alone is quantized to ``bits`` (0 at 16), and ``tv`` likewise for 1-EAR. :func:`monotone` makes costs
 non-negative and non-increasing in bits (fewer bits never cost less) before allocation. The search adds the
 units' costs (the linearity assumption) and maps predicted KL to predicted EAR with :class:`EarMap`,
@@ -24,7 +24,7 @@ from torch import nn
 
 from .bank import Bank
 from ..quant.calib import Batch, capture_layer0_inputs, decoder_layers, run_layer
-from ..quant.units import KEEP_BITS
+from ..quant.units import KEEP, KEEP_BITS, Choice
 from ..models.arch import head as _head  # (final norm, lm_head, softcap)
 
 
@@ -57,8 +57,8 @@ class Prober:
         self.model, self.bank, self.device = model, bank, device
         self.layers = decoder_layers(model)
         self.norm, self.head, self.cap = _head(model)
-        self.state = {u.name: KEEP_BITS for u in bank.units}
         self.umap = bank.unit_map
+        self.state = {u.name: KEEP for u in bank.units}
         self.n_tokens = int(windows.shape[0] * (windows.shape[1] - 1))
         self.calls = 0
         with torch.no_grad():
@@ -78,12 +78,15 @@ class Prober:
             z = torch.tanh(z / self.cap) * self.cap
         return z
 
-    def set(self, changes: dict[str, int]) -> None:
-        changes = {u: b for u, b in changes.items() if self.state[u] != b}
+    def set(self, changes: dict) -> None:
+        """Change units to choices (a :class:`~slq.quant.units.Choice`, its label, or a bitwidth at the bank's
+        own group size; 16: the exact reference)."""
+        changes = {u: self.bank.choice(self.umap[u], b) for u, b in changes.items()}
+        changes = {u: c for u, c in changes.items() if self.state[u] != c}
         if not changes:
             return
-        quant = {u: b for u, b in changes.items() if b != KEEP_BITS}
-        back = [u for u, b in changes.items() if b == KEEP_BITS]
+        quant = {u: c for u, c in changes.items() if not c.keep}
+        back = [u for u, c in changes.items() if c.keep]
         if quant:
             self.bank.apply(self.model, quant)
         if back:  # "16" while probing is the exact reference (its cost is 0 by definition)
@@ -110,7 +113,7 @@ class Prober:
         return kl / self.n_tokens, tv / self.n_tokens
 
     def reset(self) -> None:
-        self.set({u: KEEP_BITS for u in self.state})
+        self.set({u: KEEP for u in self.state})
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -118,7 +121,8 @@ class Prober:
 
 @dataclass
 class Sensitivity:
-    """``kl[unit][bits]`` and ``tv[unit][bits]`` (predicted 1-EAR of that unit alone), monotone."""
+    """``kl[unit][choice]`` and ``tv[unit][choice]`` (predicted 1-EAR of that unit alone), monotone; keys are
+    :class:`~slq.quant.units.Choice` objects, stored by their labels."""
 
     estimator: str
     kl: dict[str, dict[int, float]]
@@ -136,19 +140,31 @@ class Sensitivity:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Sensitivity":
-        conv = lambda x: {u: {int(b): v for b, v in r.items()} for u, r in x.items()}  # noqa: E731
+        conv = lambda x: {u: {Choice.parse(b): v for b, v in r.items()} for u, r in x.items()}  # noqa: E731
         return cls(d["estimator"], conv(d["kl"]), conv(d["tv"]), d.get("probes", []), d.get("seconds", 0.0),
                    d.get("forward_calls", 0), d.get("details", {}))
 
 
-def monotone(costs: dict[int, float]) -> dict[int, float]:
-    """Non-negative and non-increasing in bits: cost(b) = max(cost(b), cost(b') for b' > b)."""
-    out, run = {}, 0.0
-    for b in sorted(costs, reverse=True):
-        v = costs[b]
-        run = max(run, v if math.isfinite(v) else 0.0, 0.0)
-        out[b] = 0.0 if b == KEEP_BITS else run
-    return dict(sorted(out.items()))
+def monotone(costs: dict) -> dict:
+    """Non-negative and non-increasing in bits at each group size: cost(b, G) = max(cost(b', G) for b' >= b);
+    0 at 16. Keys are bitwidths or :class:`~slq.quant.units.Choice` objects (the group is the choice's).
+    Across group sizes nothing is imposed: a choice that costs more than a smaller one is dominated, and
+    the allocator drops it."""
+    def bits(k):
+        return k.bits if isinstance(k, Choice) else k
+
+    out = {}
+    for g in dict.fromkeys(getattr(k, "group", None) for k in costs if bits(k) != KEEP_BITS):
+        run = 0.0
+        for k in sorted((k for k in costs if bits(k) != KEEP_BITS and getattr(k, "group", None) == g),
+                        key=bits, reverse=True):
+            v = costs[k]
+            run = max(run, v if math.isfinite(v) else 0.0, 0.0)
+            out[k] = run
+    for k in costs:
+        if bits(k) == KEEP_BITS:
+            out[k] = 0.0
+    return dict(sorted(out.items(), key=lambda kv: (bits(kv[0]), -(getattr(kv[0], "group", None) or 1 << 30))))
 
 
 # ----------------------------------------------------------------------------------------- KL -> EAR

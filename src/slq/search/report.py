@@ -5,9 +5,15 @@
   kept in 16-bit count 16), every round, the sensitivities and the EAR map, baselines and frontier, timings.
   Bits per parameter is the exact storage of the allocation divided by the allocatable parameters, so it
   equals what the checkpoint holds.
-- ``allocation.png``: the allocation as a heat map, decoder layer x unit kind, colour = bits.
+- ``allocation.png``: the allocation as a heat map, decoder layer x unit kind, colour = bits, each cell
+  labelled with its choice (``8g64``; ``ch`` per-channel).
 - ``frontier.png``: EAR and KL vs bits per parameter: the measured search result(s), the measured
-  uniform baselines (same verification windows), and the predicted frontier of the sensitivities.
+  uniform baselines (same verification windows), and the predicted frontier of the sensitivities; with
+  several group sizes, also the predicted frontier of the one-group search (``frontier_one_group``).
+
+The allocation is reported by choice labels (``"8g64"``, ``"8ch"``, ``"16"``); ``bits_histogram`` counts
+parameters by bitwidth, ``choice_histogram`` by choice, and ``choices.pruned`` lists every choice the bank
+pruned before GPTQ with the choice that dominates it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from ..measure.data import GENERATED
 from ..quant.grid import gamma_stats
 from ..quant.pipeline import build_report, other_params
 from ..quant.spec import LayerPlan, Plan, QuantSpec, resolve_group_size
-from ..quant.units import KEEP_BITS
+from ..quant.units import Choice
 
 if TYPE_CHECKING:  # annotations only: the session imports this module
     from .session import SearchSession
@@ -37,18 +43,19 @@ def fid_summary(fid) -> dict:
             "ppl_ratio": d["ppl"]["ratio"], "ppl": d["ppl"], "n_tokens": d["n_tokens"]}
 
 
-def _plan(session: "SearchSession", alloc: dict[str, int]) -> Plan:
+def _plan(session: "SearchSession", alloc: dict) -> Plan:
     """The quantized linears of an allocation (units kept in 16-bit are not in it)."""
     q = session.config.quant
     plan, mods = Plan(), dict(session.model.named_modules())
     for u in session.units:
-        bu = alloc[u.name]
-        if bu == KEEP_BITS:
+        bu = session.bank.choice(u, alloc[u.name])
+        if bu.keep:
             continue
         for m in u.members:
             N, K = mods[m].weight.shape
-            g, note = resolve_group_size(K, q.group_size)
-            lp = LayerPlan(m, N, K, QuantSpec(bu, g, q.symmetric), q.group_size, note, q.method)
+            own = resolve_group_size(K, q.group_size)[0]
+            note = "chosen by the search" if bu.group != own else resolve_group_size(K, q.group_size)[1]
+            lp = LayerPlan(m, N, K, QuantSpec(bu.bits, bu.group, q.symmetric), q.group_size, note, q.method)
             lp.gamma_mean, lp.gamma2_mean = gamma_stats(session.bank.original[m], lp.spec.effective_group(K))
             lp.metrics["unit"] = u.name
             lp.metrics["rel_output_error_unit"] = session.bank.t[u.name][bu]
@@ -59,7 +66,7 @@ def _plan(session: "SearchSession", alloc: dict[str, int]) -> Plan:
 def _settings(session: "SearchSession", target: str) -> dict:
     c = session.config
     return {"search": True, "bits": None, "target": target, "estimator": session.sens.estimator, "units": c.units,
-            "bitwidths": list(c.bitwidths), "sens_windows": int(session.sens_w.shape[0]),
+            "bitwidths": list(c.bitwidths), "groups": ["ch" if g is None else g for g in c.groups], "sens_windows": int(session.sens_w.shape[0]),
             "sens_seq_len": int(session.sens_w.shape[1]), "verify_windows": c.verify_windows,
             "confirm_windows": c.confirm_windows,
             "verify_data": c.verify_data or "calibration source, windows after the calibration ones",
@@ -81,7 +88,7 @@ def build_search_report(session: "SearchSession", result: dict, baselines: list[
     """The search's JSON report for one target's ``result`` (from :meth:`SearchSession.run`)."""
     q = session.config.quant
     final = result["final"]
-    alloc = final["allocation"]
+    alloc = {u.name: session.bank.choice(u, final["allocation"][u.name]) for u in session.units}
     plan = _plan(session, alloc)
     report = build_report(session.model, session.path, plan, QuantSpec(max(session.quant_bits), q.group_size,
                                                                        q.symmetric),
@@ -100,14 +107,16 @@ def build_search_report(session: "SearchSession", result: dict, baselines: list[
         "bits_per_param_model": (total + sum(k * bb for k, bb in other.values())) / (n + n_other),
         "bits_per_param_quantized_only": plan.bits_per_param() if len(plan) else None,
         "n_params_allocated": n,
-        "n_params_kept_16bit": sum(u.n_params for u in session.units if alloc[u.name] == KEEP_BITS),
+        "n_params_kept_16bit": sum(u.n_params for u in session.units if alloc[u.name].keep),
         "predicted": final["predicted"],
         "measured": final["measured"],
         "confirmed": final.get("confirmation"),
         "confirmation": result.get("confirmation"),
-        "allocation": alloc,
-        "bits_histogram": {str(b): sum(u.n_params for u in session.units if alloc[u.name] == b) / n
+        "allocation": {name: str(c) for name, c in alloc.items()},
+        "bits_histogram": {str(b): sum(u.n_params for u in session.units if alloc[u.name].bits == b) / n
                            for b in session.choices},
+        "choice_histogram": _choice_histogram(session, alloc),
+        "choices": _choice_summary(session),
         "rounds": result["rounds"],
         "anchor": result["anchor"],
         "ear_map": session.emap.to_dict(),
@@ -121,6 +130,23 @@ def build_search_report(session: "SearchSession", result: dict, baselines: list[
         "timings": _timings(session, result),
     })
     return report
+
+
+def _choice_histogram(session: "SearchSession", alloc: dict) -> dict[str, float]:
+    out: dict[Choice, float] = {}
+    for u in session.units:
+        out[alloc[u.name]] = out.get(alloc[u.name], 0.0) + u.n_params / session.n_params
+    return {str(c): v for c, v in sorted(out.items(), key=lambda kv: kv[0].sort_key())}
+
+
+def _choice_summary(session: "SearchSession") -> dict:
+    """Which choices each unit had after pruning, and what was pruned (and by what)."""
+    bank = session.bank
+    return {"groups": ["ch" if g is None else g for g in session.config.groups],
+            "per_unit": {u.name: [str(c) for c in session.unit_choices(u)] for u in session.units},
+            "pruned": {name: why for name, why in bank.pruned.items()},
+            "n_pruned": sum(len(v) for v in bank.pruned.values()),
+            "n_choices": sum(len(session.unit_choices(u)) for u in session.units)}
 
 
 def _kinds(report: dict) -> list[str]:
@@ -141,8 +167,12 @@ def heatmap_png(report: dict) -> bytes:
     kinds = _kinds(report)
     layers = sorted({u["layer"] for u in report["units"]})
     grid = np.full((len(kinds), len(layers)), np.nan)
+    labels = {}
     for u in report["units"]:
-        grid[kinds.index(u["kind"]), layers.index(u["layer"])] = report["allocation"][u["name"]]
+        c = Choice.parse(report["allocation"][u["name"]])
+        i, j = kinds.index(u["kind"]), layers.index(u["layer"])
+        grid[i, j] = c.bits
+        labels[i, j] = c.label if c.keep else f"{c.bits}\n{'ch' if c.group is None else c.group}"
     fig, ax = plt.subplots(figsize=(max(5.0, 0.28 * len(layers) + 2), 0.5 * len(kinds) + 1.6))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=2, vmax=max(8, np.nanmax(grid)))
     ax.set_yticks(range(len(kinds)), kinds)
@@ -151,9 +181,9 @@ def heatmap_png(report: dict) -> bytes:
     for i in range(len(kinds)):
         for j in range(len(layers)):
             if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{int(grid[i, j])}", ha="center", va="center", fontsize=6,
+                ax.text(j, i, labels[i, j], ha="center", va="center", fontsize=5,
                         color="white" if grid[i, j] < 6 else "black")
-    fig.colorbar(im, ax=ax, label="bits (16 = kept)")
+    fig.colorbar(im, ax=ax, label="bits (16 = kept); label: bits / group size")
     ax.set_title(f"allocation: {report['bits_per_param']:.3f} bits/param ({report['target']['kind']})", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -178,11 +208,18 @@ def frontier_png(report: dict) -> bytes:
                      marker="s", capsize=3, label="uniform (measured)")
         ax2.plot(x, [r["measured"]["kl"]["mean"] for r in base], marker="s", label="uniform (measured)")
     fr = report.get("frontier", [])
+    groups = report.get("settings", {}).get("groups") or []
+    name = f"SLQ predicted frontier (groups {'/'.join(map(str, groups))})" if len(groups) > 1 else \
+        "SLQ predicted frontier"
     if fr:
-        ax1.plot([r["bits_per_param"] for r in fr], [r["ear"] for r in fr], ls=":", color="gray",
-                 label="SLQ predicted frontier")
-        ax2.plot([r["bits_per_param"] for r in fr], [r["kl"] for r in fr], ls=":", color="gray",
-                 label="SLQ predicted frontier")
+        ax1.plot([r["bits_per_param"] for r in fr], [r["ear"] for r in fr], ls=":", color="gray", label=name)
+        ax2.plot([r["bits_per_param"] for r in fr], [r["kl"] for r in fr], ls=":", color="gray", label=name)
+    fr1 = report.get("frontier_one_group", [])
+    if fr1:
+        ax1.plot([r["bits_per_param"] for r in fr1], [r["ear"] for r in fr1], ls="--", color="C2",
+                 label="predicted frontier, one group size")
+        ax2.plot([r["bits_per_param"] for r in fr1], [r["kl"] for r in fr1], ls="--", color="C2",
+                 label="predicted frontier, one group size")
     for r in report.get("rounds", []):
         m = r["measured"]
         style = dict(marker="*", ms=12, color="C3" if r.get("accepted") else "C1")
@@ -264,9 +301,18 @@ def markdown(report: dict) -> str:
     hist = report["bits_histogram"]
     lines += ["", "## Allocation", "",
               "share of parameters per bitwidth: " + ", ".join(f"{b}: {v:.1%}" for b, v in hist.items() if v), "",
+              "per choice: " + ", ".join(f"{c}: {v:.1%}" for c, v in report.get("choice_histogram", {}).items()), "",
               "![allocation](allocation.png)", "", "![frontier](frontier.png)", "",
-              "| unit | bits |", "|---|---:|"]
+              "| unit | choice |", "|---|---:|"]
     lines += [f"| {u} | {b} |" for u, b in report["allocation"].items()]
+    ch = report.get("choices") or {}
+    if ch.get("n_pruned"):
+        lines += ["", f"## Pruned choices ({ch['n_pruned']}; dominated on RTN's relative output error at no "
+                      "fewer storage bits, so GPTQ never ran them)", "",
+                  "| unit | pruned | dominated by | RTN t | its RTN t |", "|---|---|---|---:|---:|"]
+        for unit, why in ch["pruned"].items():
+            lines += [f"| {unit} | {lbl} | {w['by']} | {w['rtn_t']:.3e} | {w['by_rtn_t']:.3e} |"
+                      for lbl, w in why.items()]
     tm = report["timings"]
     lines += ["", "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in tm.items())]
     return "\n".join(lines) + "\n"

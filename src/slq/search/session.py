@@ -41,7 +41,7 @@ from .targets import TARGETS, check_target
 from ..measure.data import GENERATED, generated_windows, windows_from_source
 from ..measure.fidelity import CachedLogits, compare_windows
 from ..models.sources import cache_dir, check_finite, is_slq_checkpoint
-from ..quant.units import KEEP_BITS, build_units, storage_bits
+from ..quant.units import KEEP, KEEP_BITS, Choice, build_units, choice_storage_bits
 from ..runtime.checkpoint import open_model, save_checkpoint
 from ..util.errors import ConfigError, SlqError
 
@@ -80,8 +80,15 @@ class SearchSession:
 
     @property
     def choices(self) -> list[int]:
-        """The candidates of every unit: the quantized bitwidths, and 16 ("keep") when allowed."""
+        """The candidate bitwidths of every unit: the quantized ones, and 16 ("keep") when allowed."""
         return list(self.quant_bits) + ([KEEP_BITS] if self.allow16 else [])
+
+    def unit_choices(self, unit, *, one_group: bool = False) -> list[Choice]:
+        """What the allocator may give ``unit``: the bank's choices (after pruning), and :data:`KEEP` when
+        allowed. ``one_group``: only those at the config's own group size (the one-group search)."""
+        own = self.bank.choice(unit, min(self.quant_bits)).group
+        cs = [c for c in self.bank.choices(unit) if not one_group or c.group == own]
+        return cs + ([KEEP] if self.allow16 else [])
 
     @property
     def device(self) -> str:
@@ -145,6 +152,7 @@ class SearchSession:
         c, q = self.config, self.config.quant
         key = _cache_key(str(self.path), q.method, q.group_size, q.symmetric, self.quant_bits, c.units, q.calib,
                          q.calib_samples, q.seq_len, q.seed, q.clip, q.attention, BANK_VERSION,
+                         *((f"groups{list(c.groups)}",) if c.groups != (q.group_size,) else ()),
                          *(("act_order",) if q.act_order else ()), *((f"damp{q.damp:g}",) if q.damp != 0.01 else ()))
         return cache_dir() / "work" / key
 
@@ -152,7 +160,7 @@ class SearchSession:
         q = self.config.quant
         self.workdir = Path(self.config.workdir) if self.config.workdir is not None else self._default_workdir()
         self.bank = build_bank(self.model, self.units, self.calib_w, self.workdir / "bank", q,
-                               bitwidths=self.quant_bits, progress=self.progress)
+                               bitwidths=self.quant_bits, groups=self.config.groups, progress=self.progress)
         self.timings["bank_s"] = self.bank.timings["bank_s"]
         for k in ("hessian_gptq_s", "stats_pack_s", "save_s"):  # where the bank's time went (layers built now)
             if k in self.bank.timings:
@@ -177,7 +185,7 @@ class SearchSession:
         c = self.config
         fp = json.loads((self.bank.workdir / "bank.json").read_text())["fingerprint"]
         key = _cache_key(tuple(self.sens_w.shape), self.sens_w.sum().item(), c.probe_bits, c.orderings,
-                         c.fisher_draws, c.quant.seed, fp)
+                         c.fisher_draws, c.quant.seed, fp, "choices")  # "choices": keyed by choice labels
         return self.workdir / f"sensitivity-{estimator}-{key}.json"
 
     def estimate(self, estimator: str | None = None) -> Sensitivity:
@@ -200,7 +208,7 @@ class SearchSession:
         self.prober.reset()
         self.sens = sens
         for p in self.uniform_sens:
-            p["predicted_kl"] = math.fsum(sens.kl[u.name][p["bits"]] for u in self.units)
+            p["predicted_kl"] = math.fsum(sens.kl[u.name][self.bank.choice(u, p["bits"])] for u in self.units)
         self.emap = EarMap().fit([(p["kl"], p["tv"]) for p in self.uniform_sens]
                                  + [(p["kl"], p["tv"]) for p in sens.probes])
         self.timings["sensitivity_s"] = time.perf_counter() - t + self.timings.get("prober_s", 0.0)
@@ -208,32 +216,35 @@ class SearchSession:
 
     # ---------------------------------------------------------------- allocations
 
-    def solve(self, *, budget_bpp=None, max_kl=None):
+    def solve(self, *, budget_bpp=None, max_kl=None, one_group: bool = False):
         """The exact allocation: least predicted KL within ``budget_bpp`` bits per parameter, or fewest bits
-        with predicted KL <= ``max_kl``. Returns (allocation, solver result)."""
-        costs = [[self.sens.kl[u.name][b] for b in self.choices] for u in self.units]
-        sizes = [[self._unit_bits(u, b) for b in self.choices] for u in self.units]
+        with predicted KL <= ``max_kl``; each unit takes one of :meth:`unit_choices` (a flat list of (cost,
+        exact size) per unit). Returns (allocation unit -> :class:`Choice`, solver result)."""
+        options = [self.unit_choices(u, one_group=one_group) for u in self.units]
+        costs = [[self.sens.kl[u.name][c] for c in cs] for u, cs in zip(self.units, options)]
+        sizes = [[self._unit_bits(u, c) for c in cs] for u, cs in zip(self.units, options)]
         if budget_bpp is not None:
             sol = allocate(costs, sizes, budget=int(math.floor(budget_bpp * self.n_params)), n_params=self.n_params)
         else:
             sol = allocate(costs, sizes, max_loss=max_kl)
-        return {u.name: self.choices[j] for u, j in zip(self.units, sol.choice)}, sol
+        return {u.name: cs[j] for u, cs, j in zip(self.units, options, sol.choice)}, sol
 
-    def _unit_bits(self, unit, bits: int) -> int:
-        return storage_bits(unit, bits, self.bank.group_size, self.bank.symmetric)
+    def _unit_bits(self, unit, value) -> int:
+        return choice_storage_bits(unit, self.bank.choice(unit, value), self.bank.symmetric)
 
-    def uniform(self, bits: int) -> dict[str, int]:
-        return {u.name: bits for u in self.units}
+    def uniform(self, bits: int) -> dict[str, Choice]:
+        """Every unit at ``bits``, at the config's own group size."""
+        return {u.name: self.bank.choice(u, bits) for u in self.units}
 
-    def storage_bits(self, alloc: dict[str, int]) -> int:
+    def storage_bits(self, alloc: dict) -> int:
         """Total storage bits of the allocatable linears (scales and zeros included; 16-bit units at 16)."""
         return sum(self._unit_bits(u, alloc[u.name]) for u in self.units)
 
-    def bits_per_param(self, alloc: dict[str, int]) -> float:
+    def bits_per_param(self, alloc: dict) -> float:
         return self.storage_bits(alloc) / self.n_params
 
-    def predicted(self, alloc: dict[str, int]) -> dict:
-        kl = math.fsum(self.sens.kl[u.name][alloc[u.name]] for u in self.units)
+    def predicted(self, alloc: dict) -> dict:
+        kl = math.fsum(self.sens.kl[u.name][self.bank.choice(u, alloc[u.name])] for u in self.units)
         return {"kl": kl, "ear": self.emap.ear(kl)}
 
     # ---------------------------------------------------------------- measurements
@@ -274,14 +285,17 @@ class SearchSession:
                          "predicted": self.predicted(a)})
         return rows
 
-    def frontier(self, step: float = 0.25, upto: float = 10.0) -> list[dict]:
-        """Predicted KL / EAR of the least-loss allocation at budgets ``step`` apart, up to ``upto`` b/p."""
+    def frontier(self, step: float = 0.25, upto: float = 10.0, *, one_group: bool = False) -> list[dict]:
+        """Predicted KL / EAR of the least-loss allocation at budgets ``step`` apart, up to ``upto`` b/p
+        (``one_group``: choices at the config's own group size only)."""
         rows = []
-        lo = self.bits_per_param(self.uniform(min(self.quant_bits)))
+        lo = min(self.bits_per_param({u.name: min(self.unit_choices(u, one_group=one_group),
+                                                   key=lambda c: self._unit_bits(u, c)) for u in self.units}),
+                 self.bits_per_param(self.uniform(min(self.quant_bits))))
         hi = min(self.bits_per_param(self.uniform(max(self.choices))), upto)
         b = math.ceil(lo / step) * step
         while b <= hi + 1e-9:
-            a, _ = self.solve(budget_bpp=b)
+            a, _ = self.solve(budget_bpp=b, one_group=one_group)
             rows.append({"budget": b, "bits_per_param": self.bits_per_param(a), **self.predicted(a)})
             b += step
         return rows
@@ -294,9 +308,9 @@ class SearchSession:
     def save(self, report: dict, out, *, force=False, plots=True) -> None:
         """The allocation as a compressed-tensors checkpoint (16-bit units as fp16) with its reports."""
         t = time.perf_counter()
-        alloc = report["allocation"]
+        alloc = {u.name: self.bank.choice(u, report["allocation"][u.name]) for u in self.units}  # labels -> choices
         self.bank.apply(self.model, alloc)
-        kept = {m for u in self.units if alloc[u.name] == KEEP_BITS for m in u.members}
+        kept = {m for u in self.units if alloc[u.name].keep for m in u.members}
         self.model.cpu()
         extra = write_reports(report, plots=plots)
         save_checkpoint(out, self.model, self.tok, self.bank.qweights(alloc), report, force=force, half_modules=kept,
@@ -325,6 +339,8 @@ def search(model: str | None = None, *, config: SearchConfig | None = None, out:
     base = s.baselines(config.baselines if config.baselines is not None else tuple(x for x in s.quant_bits if x >= 3))
     result["timings"]["verify_s"] += time.perf_counter() - t
     report = s.report(result, base, s.frontier() if config.frontier else [])
+    if config.frontier and len(set(config.groups)) > 1:  # the one-group search beside the new choice set
+        report["frontier_one_group"] = s.frontier(one_group=True)
     if out is not None:
         s.save(report, out, force=force, plots=plots)
     return report

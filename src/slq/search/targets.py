@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .report import fid_summary
 from ..measure.tasks import compare_tasks, load_task, score_task
-from ..quant.units import storage_bits
+from ..quant.units import choice_storage_bits, unit_choices
 from ..util.errors import ConfigError, SlqError
 
 if TYPE_CHECKING:  # annotations only: the session and the config import this module
@@ -49,7 +49,8 @@ def check_target(config: "SearchConfig", units) -> None:
         return
     q = config.quant
     lo_bits = min(config.quant_bits)
-    lo = sum(storage_bits(u, lo_bits, q.group_size, q.symmetric) for u in units) / sum(u.n_params for u in units)
+    lo = sum(min(choice_storage_bits(u, c, q.symmetric) for c in unit_choices(u, (lo_bits,), config.groups))
+             for u in units) / sum(u.n_params for u in units)
     if config.bits < lo:
         raise ConfigError("bits", f"{{field}} {config.bits} is below the smallest reachable {lo:.4f} bits/param "
                                   f"(all units at {lo_bits} bits)")
@@ -86,7 +87,7 @@ def _rounds(session: "SearchSession", config: "SearchConfig", kl_budget, timings
                "solver": solver, "solver_status": status, "measured": fid_summary(fid)}
         rec["accepted"] = bool(judge(alloc, fid, rec))
         timings["verify_s"] += time.perf_counter() - t
-        rec["allocation"] = alloc
+        rec["allocation"] = {u: str(c) for u, c in alloc.items()}  # labels, e.g. "8g64" (JSON-ready)
         rounds.append(rec)
         if rec["accepted"] and (accepted is None or bpp < accepted["bits_per_param"]):
             accepted = rec

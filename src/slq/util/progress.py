@@ -16,6 +16,8 @@ never ask where their output goes. The choice is made once, from the stream (std
   The ETA assumes the remaining items take the mean time of the finished ones:
   ``eta = elapsed * (total - done) / done``; it is absent before the first item and for tasks
   without a total. A task still open when the block ends gets a closing line ("stopped at").
+  The first item's completion always gets a line: its ETA (the first item's time times the items
+  left) is the time estimate of the stage, printed before the long part of it.
 
 Lines go to the ``logging`` logger ``"slq"`` (INFO) when that logger is listening (enabled for INFO
 and some handler is attached to it or an ancestor), and straight to the stream otherwise, so that a
@@ -110,6 +112,7 @@ class LogProgress:
     def _moved(self, t: _Task, done: float) -> None:
         if t.finished:
             return
+        first = t.done == 0 and done > 0  # the first item: the earliest ETA, the stage's time estimate
         t.done = done
         now = self.clock()
         if t.total is not None and done >= t.total:
@@ -119,6 +122,8 @@ class LogProgress:
         step_now = int(done / t.total / self.step + 1e-9) if t.total else 0  # 6/20/0.1 is 2.999...
         if step_now > t.last_step or now - t.last_t >= self.interval_s:
             t.last_step, t.last_t = max(t.last_step, step_now), now
+            self._emit(t, self._status(t, now))
+        elif first:  # does not move the step and interval clocks
             self._emit(t, self._status(t, now))
 
     def _status(self, t: _Task, now: float) -> str:
