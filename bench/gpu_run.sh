@@ -5,6 +5,11 @@
 #   bash bench/gpu_run.sh gptq                       # GPTQ kernel vs torch loop: GPU tests and bench/experiments/gptq_gpu.py
 #   bash bench/gpu_run.sh decode                     # engine: compiled-step GPU tests, then bench/decode_e2e.py (eager vs
 #                                                    # compiled, FP16 vs int4, batch 1/16, CUDA graph nodes; DECODE_ARGS)
+#   bash bench/gpu_run.sh scale                      # bench/scale_gpu.py: streamed GPTQ on the 70B and 8B shapes
+#                                                    # (scalemulti: the same under torchrun on NGPU GPUs)
+#   bash bench/gpu_run.sh spec                       # speculative decoding: its GPU test (CUDA-graph draft and verify
+#                                                    # steps), then bench/speculative.py on the Llama-3-8B shape: t_verify(k+1)
+#                                                    # FP16, t_draft DL/TL mixes, predicted speedup (SPEC_ARGS)
 #   bash bench/gpu_run.sh full                       # bench/search_8b_gpu.py on the Llama-3-8B shape (resumable;
 #                                                    # FULL_ARGS=--no-act-order passes options on, to probe* too)
 # Preparing the two carried folders here (both are git-ignored):
@@ -37,6 +42,10 @@ for step in "$@"; do
             timeout "${DECODE_TIMEOUT:-420}" python3 bench/decode_e2e.py --device cuda --out "$OUT/decode_e2e.json" \
               ${DECODE_ARGS:---shape llama3-8b --batch 1,16 --bits 4 --new-tokens 32 --repeats 3} 2>&1 | grep -v Warn
             echo "decode_e2e: exit ${PIPESTATUS[0]}";;
+    spec) timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/runtime/test_speculative.py -k gpu 2>&1 | tail -8
+          timeout "${SPEC_TIMEOUT:-400}" python3 bench/speculative.py --device cuda --out "$OUT/speculative.json" \
+            ${SPEC_ARGS:---shape llama3-8b --k-max 16 --acceptance 0.8,0.9,0.95,0.99} 2>&1 | grep -v Warn
+          echo "speculative: exit ${PIPESTATUS[0]}";;
     tiny) timeout 120 python3 bench/search_8b_gpu.py --shape tiny --out "$OUT/search_tiny_cuda.json";;
     probe2) timeout 240 python3 bench/search_8b_gpu.py --layers 2 --out "$OUT/search_8b_2layers.json" ${FULL_ARGS:-};;
     probe4) timeout 360 python3 bench/search_8b_gpu.py --layers 4 --out "$OUT/search_8b_4layers.json" ${FULL_ARGS:-};;
@@ -68,6 +77,15 @@ for step in "$@"; do
                 | grep -v "it/s\]"
               cp .dev/search_smollm2_gpu_c$c${SEARCH_TAG:-}.* "$OUT"/ 2>/dev/null
             done; ls "$OUT";;
+    scale) # streamed uniform GPTQ: 70B shape (SCALE_LAYERS blocks, default 2) then the 8B shape (4 blocks); < 10 min
+           timeout "${SCALE_TIMEOUT:-400}" python3 bench/scale_gpu.py --shape llama3-70b --layers "${SCALE_LAYERS:-2}" \
+             --workdir .work70b --out "$OUT/scale_70b.json" ${SCALE_ARGS:-}; echo "scale 70b: exit $?"
+           timeout 150 python3 bench/scale_gpu.py --shape llama3-8b --layers 4 --workdir .work8bs \
+             --out "$OUT/scale_8b.json" ${SCALE_ARGS:-}; echo "scale 8b: exit $?";;
+    scalemulti) # the same on NGPU GPUs (torchrun; each layer's solves split over the ranks)
+           timeout "${SCALE_TIMEOUT:-500}" torchrun --nproc-per-node "${NGPU:-2}" bench/scale_gpu.py --shape llama3-70b \
+             --layers "${SCALE_LAYERS:-2}" --workdir .work70b --out "$OUT/scale_70b_x${NGPU:-2}.json" ${SCALE_ARGS:-}
+           echo "scalemulti: exit $?";;
     *) echo "unknown step $step"; exit 2;;
   esac
 done

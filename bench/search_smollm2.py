@@ -15,6 +15,14 @@ cached reference pass. Stages:
   the additive KL prediction against measured uniform assemblies (sensitivity windows) and against the
   measured DL result (held-out windows), and the DL bits each leads to.
 
+- ``frontier_one_group``: with ``--groups``, the frontier again with only the ``--group-size`` choices (the
+  one-group search), measured on the same windows, beside the new choice set.
+
+Options of Search II: ``--groups 128,64,32`` (choices (bits, group size) per unit; ``ch`` = per-channel),
+``--verify-data`` (real text the DL stage verifies on besides the calibration source's own held-out windows;
+``none``: verify on the calibration source only, with ``--real-text-margin``), ``--calib generated`` (the CLI's
+default calibration), ``--head`` (the lm_head as an allocation unit; refused until the writer stores it).
+
 Resumable: each finished stage is appended to ``<out>.partial.jsonl`` and skipped on a rerun; the bank
 and sensitivities are cached in ``--workdir``.
 
@@ -38,13 +46,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SLQ_SHARED", REPO.parent / "shared"))
 sys.path.insert(0, str(REPO / "src"))
 
-STAGES = ("frontier", "uniform", "dl", "estimators", "tl")
+STAGES = ("frontier", "frontier_one_group", "uniform", "dl", "estimators", "tl")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--groups", default=None, help="candidate group sizes per unit, e.g. 128,64,32 (ch: per-channel); "
+                                                  "default: --group-size only")
+    ap.add_argument("--head", action="store_true", help="the lm_head (and a tied embedding) as an allocation unit")
+    ap.add_argument("--calib", default=str(SHARED / "data/calib/c4.utf8"), help="calibration source (or generated)")
+    ap.add_argument("--verify-data", default=str(SHARED / "data/wikitext2/wiki.test.raw"),
+                    help="real text to verify on (none: the calibration source's held-out windows only)")
+    ap.add_argument("--real-text-margin", type=float, default=0.0,
+                    help="DL without real text: the lower bound must clear the target by this margin")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--sens-windows", type=int, default=8)
     ap.add_argument("--sens-seq-len", type=int, default=128)
@@ -115,10 +131,12 @@ def main():
         return
 
     t0 = time.perf_counter()
+    groups = None if not args.groups else tuple(None if g.strip() == "ch" else int(g) for g in args.groups.split(","))
     config = SearchConfig.from_settings(
-        group_size=args.group_size, calib=str(SHARED / "data/calib/c4.utf8"), calib_samples=args.calib_samples,
+        group_size=args.group_size, calib=None if args.calib == "generated" else args.calib,
+        calib_samples=args.calib_samples, groups=groups, head=args.head, real_text_margin=args.real_text_margin,
         seq_len=512, sens_windows=args.sens_windows, sens_seq_len=args.sens_seq_len, verify_windows=args.verify_windows,
-        verify_data=str(SHARED / "data/wikitext2/wiki.test.raw"), estimator=args.estimator, units=args.units,
+        verify_data=None if args.verify_data == "none" else args.verify_data, estimator=args.estimator, units=args.units,
         act_order=args.act_order, damp=args.damp,
         probe_bits=tuple(int(b) for b in args.probe_bits.split(",")) if args.probe_bits else None,
         workdir=args.workdir, device=args.device)
@@ -131,22 +149,39 @@ def main():
     def measured_row(alloc, **extra):
         fid = s.measure(alloc)
         d = fid.to_dict()
+        ch = {u.name: s.bank.choice(u, alloc[u.name]) for u in s.units}
+        share: dict[str, float] = {}
+        for u in s.units:
+            share[str(ch[u.name])] = share.get(str(ch[u.name]), 0.0) + u.n_params / s.n_params
         return {**extra, "bits_per_param": s.bits_per_param(alloc), "predicted": s.predicted(alloc),
                 "ear": d["ear"], "ear_top10": d["ear_top10"]["mean"], "kl": d["kl"]["mean"], "kl_p99": d["kl"]["p99"],
                 "top1": d["top1"], "ppl_ratio": d["ppl"]["ratio"],
-                "kept_16bit_share": sum(u.n_params for u in s.units if alloc[u.name] == 16) / s.n_params,
-                "bits_histogram": {str(b): sum(u.n_params for u in s.units if alloc[u.name] == b) / s.n_params
-                                   for b in s.choices}}
+                "kept_16bit_share": sum(u.n_params for u in s.units if ch[u.name].keep) / s.n_params,
+                "bits_histogram": {str(b): sum(u.n_params for u in s.units if ch[u.name].bits == b) / s.n_params
+                                   for b in s.choices},
+                "choice_histogram": share}
 
     if "frontier" in stages and "frontier" not in done:
         t = time.perf_counter()
         rows = []
         for b in (float(x) for x in args.budgets.split(",")):
             alloc, _ = s.solve(budget_bpp=b)
-            rows.append(measured_row(alloc, budget=b, allocation=alloc))
+            rows.append(measured_row(alloc, budget=b, allocation={k: str(c) for k, c in alloc.items()}))
             print(f"  budget {b}: {rows[-1]['bits_per_param']:.3f} b/p EAR {rows[-1]['ear']['mean']:.4f} "
                   f"KL {rows[-1]['kl']:.2e}", flush=True)
-        record("frontier", {"wall_s": time.perf_counter() - t, "estimator": s.sens.estimator, "rows": rows})
+        record("frontier", {"wall_s": time.perf_counter() - t, "estimator": s.sens.estimator, "rows": rows,
+                            "groups": [str(g) for g in s.config.groups],
+                            "choices": {"n_choices": sum(len(s.unit_choices(u)) for u in s.units),
+                                        "pruned": s.bank.pruned}})
+
+    if "frontier_one_group" in stages and "frontier_one_group" not in done and len(s.config.groups) > 1:
+        t = time.perf_counter()
+        rows = []
+        for b in (float(x) for x in args.budgets.split(",")):
+            alloc, _ = s.solve(budget_bpp=b, one_group=True)
+            rows.append(measured_row(alloc, budget=b, allocation={k: str(c) for k, c in alloc.items()}))
+        record("frontier_one_group", {"wall_s": time.perf_counter() - t, "group_size": args.group_size,
+                                      "rows": rows})
 
     if "uniform" in stages and "uniform" not in done:
         t = time.perf_counter()
@@ -159,7 +194,8 @@ def main():
         res = s.run("dl", ear=0.99, max_rounds=args.max_rounds)
         rows = [{k: v for k, v in r.items()} for r in res["rounds"]]
         record("dl", {"wall_s": time.perf_counter() - t, "estimator": s.sens.estimator, "rounds": rows,
-                      "verified": res["accepted"] is not None, "ear_map": s.emap.to_dict()})
+                      "verified": res["accepted"] is not None, "ear_map": s.emap.to_dict(),
+                      "verification": res.get("verification")})
 
     if "estimators" in stages and "estimators" not in done:
         t = time.perf_counter()
@@ -183,7 +219,8 @@ def main():
                 s.estimate(name)
             sens = s.sens
             check = [{"bits": p["bits"], "measured_kl": p["kl"],
-                      "predicted_kl": sum(sens.kl[u.name][p["bits"]] for u in s.units)} for p in s.uniform_sens]
+                      "predicted_kl": sum(sens.kl[u.name][s.bank.choice(u, p["bits"])] for u in s.units)}
+                     for p in s.uniform_sens]
             res = s.run("dl", ear=0.99, max_rounds=5)
             fin = res["final"]
             out[name] = {
@@ -217,9 +254,10 @@ def main():
                    f"cpu: {platform.machine()}, {torch.get_num_threads()} threads"),
         "versions": versions(),
         "git_commit": git_commit(REPO),
-        "settings": {**vars(args), "act_order": s.act_order, "calib": "c4.utf8 (first windows x 512)",
-                     "verify": f"wiki.test.raw first {args.verify_windows} x 512 tokens (held out: another source)",
-                     "bank": "GPTQ asym, non-sequential Hessians (attention-aware for keys/values), clipping on", "bitwidths": list(s.bitwidths)},
+        "settings": {**vars(args), "act_order": s.config.quant.act_order, "calib": args.calib,
+                     "verify": f"{args.verify_data}: first {args.verify_windows} x 512 tokens",
+                     "bank": "GPTQ asym, non-sequential Hessians (attention-aware for keys/values), clipping on",
+                     "bitwidths": list(s.config.bitwidths), "groups": [str(g) for g in s.config.groups]},
         "setup": setup,
         "n_params_allocated": s.n_params,
         "stages": {k: v for k, v in done.items()},
@@ -245,6 +283,13 @@ def markdown(result: dict) -> str:
             out.append(f"| {r['budget']} | {r['bits_per_param']:.3f} | {e['mean']:.4f} [{e['ci95'][0]:.4f}, "
                        f"{e['ci95'][1]:.4f}] | {r['ear_top10']:.4f} | {r['kl']:.2e} | {r['top1']:.4f} | "
                        f"{r['ppl_ratio']:.4f} | {r['kept_16bit_share']:.1%} |")
+    if "frontier_one_group" in st:
+        out += ["", f"One group size (g{st['frontier_one_group']['group_size']}) only:", "",
+                "| budget | bits/param | EAR [95% CI] | KL |", "|---:|---:|---|---:|"]
+        for r in st["frontier_one_group"]["rows"]:
+            e = r["ear"]
+            out.append(f"| {r['budget']} | {r['bits_per_param']:.3f} | {e['mean']:.4f} [{e['ci95'][0]:.4f}, "
+                       f"{e['ci95'][1]:.4f}] | {r['kl']:.2e} |")
     if "uniform" in st:
         out += ["", "| uniform GPTQ asym (bank) | bits/param | EAR [95% CI] | EAR top-10 | KL | top-1 | PPL ratio |",
                 "|---:|---:|---|---:|---:|---:|---:|"]
@@ -283,7 +328,8 @@ def plot(result: dict, path: Path) -> None:
 
     st = result["stages"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, label, mk in (("frontier", "SLQ (per-unit bits)", "o"), ("uniform", "uniform GPTQ asym", "s")):
+    for key, label, mk in (("frontier", "SLQ (per-unit choices)", "o"),
+                           ("frontier_one_group", "SLQ, one group size", "^"), ("uniform", "uniform GPTQ asym", "s")):
         if key not in st:
             continue
         rows = sorted(st[key]["rows"], key=lambda r: r["bits_per_param"])

@@ -167,3 +167,16 @@ def test_quantized_plan_stores_exactly_the_allocated_bits(stories):
     result = quantize_model(model, specs=unit_specs(units, bits, 128, False), method="rtn", clip=False,
                             progress=False)
     assert result.plan.total_bits == pytest.approx(sum(storage_bits(u, bits[u.name], 128, False) for u in units), rel=1e-12)
+
+
+def test_unit_specs_take_choices_with_their_own_group_sizes(stories):
+    from slq.quant.units import KEEP, Choice
+
+    units = build_units(stories[0])
+    alloc = {u.name: (KEEP if i == 0 else Choice(4, None) if u.K == 172 else Choice(3 + i % 5, (32, 16)[i % 2]))
+             for i, u in enumerate(units)}
+    specs = unit_specs(units, {k: str(c) for k, c in alloc.items()}, 128, True)
+    for u in units:
+        c = alloc[u.name]
+        for m in u.members:
+            assert (m not in specs) if c.keep else specs[m] == QuantSpec(c.bits, c.group, True)

@@ -39,6 +39,11 @@ from slq.util.errors import ConfigError
     (dict(damp=1.0), "damp"),
     (dict(group_size=48), "group_size"),
     (dict(calib_samples=0), "calib_samples"),
+    (dict(groups=(128, 48)), "groups"),                 # not a group size
+    (dict(groups=(64, 32)), "groups"),                  # must include group_size (128): uniform assemblies use it
+    (dict(groups=128), "groups"),
+    (dict(head=True), "head"),                          # not supported yet: refused, not ignored
+    (dict(real_text_margin=0.05), "real_text_margin"),  # ear + margin must stay below 1
 ])
 def test_bad_settings_raise_a_config_error_naming_the_field(settings, field):
     with pytest.raises(ConfigError) as e:
@@ -64,6 +69,10 @@ def test_defaults_and_derived_settings():
     assert c3.confirm_windows == 3 and c3.probe_bits == (8,)  # given explicitly: kept
     assert SearchConfig.from_settings(method="rtn").quant.act_order is False
     assert SearchConfig().quant.act_order is True
+    assert c.groups == (128,) and c.with_(group_size=64).groups == (64,)  # one group size unless asked
+    g = c.with_(groups=(32, None, 128, 64))
+    assert g.groups == (None, 128, 64, 32)  # coarse to fine, per-channel first
+    assert g.with_(group_size=64).groups == (None, 128, 64, 32)  # given explicitly: kept
 
 
 class _Stop(Exception):

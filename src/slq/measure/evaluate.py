@@ -24,7 +24,8 @@ import torch
 from .data import GENERATED, windows_from_source
 from ..util.errors import SlqError
 from ..util.provenance import git_commit, versions
-from .fidelity import Fidelity, compare_windows, on_policy_ear
+from ..models.stream import StreamedModel
+from .fidelity import Fidelity, StreamedLogits, compare_windows, on_policy_ear
 from .tasks import TASK_BACKENDS, require_lm_eval
 
 MIN_SEQUENCES = 16  # fewer sequences than this: the bootstrap interval is shown with a warning
@@ -62,7 +63,9 @@ def evaluate(
 ) -> Fidelity:
     """Compare ``candidate`` to ``reference`` on the same tokens.
 
-    ``reference``/``candidate``: in-memory ``(model, tokenizer)`` pairs (:func:`slq.evaluate` opens paths).
+    ``reference``/``candidate``: in-memory ``(model, tokenizer)`` pairs (:func:`slq.evaluate` opens paths);
+    a model may be a :class:`slq.models.stream.StreamedModel` (weights read one block at a time; fixed windows
+    only, its logits equal the in-memory model's bit for bit).
     ``tokens``/``seq_len``: ``tokens // seq_len`` windows of ``data`` (consecutive,
     non-overlapping slices of ``tokenizer(text).input_ids`` after ``skip_windows``).
     ``on_policy``: number of continuations sampled from the reference (``ON_POLICY_NEW``
@@ -83,15 +86,23 @@ def evaluate(
     if ref.config.vocab_size != cand.config.vocab_size or tok.get_vocab() != tok_c.get_vocab():
         raise SlqError("reference and candidate use different tokenizers; they cannot be compared token by token")
     n = tokens // seq_len
+    if windows is None and isinstance(ref, StreamedModel) and (data is None or data == GENERATED):
+        raise SlqError("generated evaluation data is sampled token by token from the reference, which a streamed "
+                       "model cannot do block by block; give a text source as the data")
     if windows is None:
         if n < 1:
             raise SlqError(f"--tokens {tokens} is less than one window of --seq-len {seq_len}")
         windows = windows_from_source(data, ref, tok, n=n, seq_len=seq_len, skip=skip_windows, seed=seed + 1,
                                       device=device, progress=progress)
     t0 = time.perf_counter()
+    ref, cand = _streamed(ref, windows, batch_size, on_policy, tasks), _streamed(cand, windows, batch_size,
+                                                                                 on_policy, tasks)
     fid = compare_windows(ref, cand, windows, batch_size=batch_size, temperature=temperature, device=device,
                           progress=progress, seed=seed)
     fid.wall_s = time.perf_counter() - t0
+    for m in (ref, cand):
+        if isinstance(m, StreamedLogits):
+            m.close()
     if on_policy:
         prompts = windows[:, :ON_POLICY_PROMPT]
         if prompts.shape[0] < on_policy:
@@ -107,6 +118,17 @@ def evaluate(
         fid.tasks = run_tasks(ref, cand, tok, tasks, limit=limit, data_dir=task_dir, device=device,
                               progress=progress, seed=seed, backend=tasks_backend)
     return fid
+
+
+def _streamed(model, windows: torch.Tensor, batch_size: int, on_policy: int, tasks):
+    """A :class:`StreamedModel` as the logits of its block-by-block forward over ``windows`` (see
+    :class:`slq.measure.fidelity.StreamedLogits`); an in-memory model as it is."""
+    if not isinstance(model, StreamedModel):
+        return model
+    if on_policy or tasks:
+        raise SlqError("on-policy sampling and zero-shot tasks need the model in memory; a streamed model is "
+                       "measured on fixed windows only")
+    return StreamedLogits(model).record(windows, batch_size=batch_size)
 
 
 def ear_verdict(ci95, target: float) -> str:

@@ -41,6 +41,7 @@ from ..util.progress import progress_bar
 __all__ = [
     "EAR_TOP10_DEFINITION",
     "CachedLogits",
+    "StreamedLogits",
     "Fidelity",
     "bootstrap_ci",
     "compare_windows",
@@ -437,6 +438,46 @@ class CachedLogits(torch.nn.Module):
         from types import SimpleNamespace
 
         return SimpleNamespace(logits=self._store[self._key(input_ids)].to(input_ids.device))
+
+
+class StreamedLogits(CachedLogits):
+    """A stand-in for a :class:`slq.models.stream.StreamedModel` on a fixed set of windows.
+
+    ``record(windows, batch_size)`` runs the decoder over ``windows[:, :-1]`` one block at a time (each block
+    read from the files once for all windows, in the batches `compare_windows` uses) and keeps each batch's
+    last hidden state; calling it with one of those batches applies the final norm and ``lm_head`` (read once,
+    kept until :meth:`close`). The logits are the in-memory model's, bit for bit, for the same batches.
+    Memory: one block, the head, and n_windows x (L - 1) x hidden activations, instead of x V logits.
+    """
+
+    def __init__(self, streamed, *, offload_activations: bool = False):
+        super().__init__()
+        self.streamed = streamed
+        self.config = streamed.model.config
+        self.offload_activations = offload_activations
+        self._head = None
+
+    @torch.inference_mode()
+    def record(self, windows: torch.Tensor, *, batch_size: int = 8, **_: Any) -> "StreamedLogits":
+        batches = self.streamed.hidden_states(windows[:, :-1], batch_size, self.offload_activations)
+        for b0, b in zip(range(0, windows.shape[0], batch_size), batches):
+            self._store[self._key(windows[b0 : b0 + batch_size, :-1])] = b.hidden
+        return self
+
+    def forward(self, input_ids: torch.Tensor, **_: Any):
+        from types import SimpleNamespace
+
+        if self._head is None:
+            self._head = self.streamed.head()
+            self._head.__enter__()
+        return SimpleNamespace(logits=self.streamed.logits(self._store[self._key(input_ids)]))
+
+    def close(self) -> None:
+        """Release the head and the kept hidden states."""
+        if self._head is not None:
+            self._head.__exit__(None, None, None)
+            self._head = None
+        self._store.clear()
 
 
 def compare_windows(

@@ -114,7 +114,7 @@ def offload_batches(batches: list[Batch]) -> list[Batch]:
 
 
 @contextlib.contextmanager
-def _parameters_on_meta():
+def parameters_on_meta():
     """Inside the block, every parameter a module registers is replaced by a meta tensor of its shape and dtype
     (the temporary ``torch.empty`` it was made from is never touched, so no memory is committed); buffers stay
     real."""
@@ -184,8 +184,9 @@ class StreamedModel:
 
     ``model`` is the skeleton (parameters on meta, buffers on ``device``); :meth:`materialize` reads a
     module's parameters onto ``device`` and :meth:`release` returns them to meta. ``overrides`` (parameter
-    name -> tensor) replaces what the files hold for those names: a quantized model is streamed as the
-    reference files plus its dequantized weights.
+    name -> tensor, or anything with ``dequantize()`` such as a ``QuantizedWeight``, dequantized only when read)
+    replaces what the files hold for those names: a quantized model is streamed as the reference files plus
+    its codes.
     """
 
     def __init__(self, path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -198,7 +199,7 @@ class StreamedModel:
             config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
         except (ValueError, KeyError, OSError) as e:
             raise SlqError(f"cannot read the config of {self.path}: {str(e).strip().splitlines()[0]}") from e
-        with _parameters_on_meta():
+        with parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         model.eval()
         for m in model.modules():
@@ -217,6 +218,10 @@ class StreamedModel:
         self.live_bytes = 0
         self.peak_bytes = 0
 
+    @property
+    def config(self):
+        return self.model.config
+
     # -- materialize / release ---------------------------------------------------------------------------
     def _names(self, module: nn.Module) -> list[list[str]]:
         """Alias lists of the parameters of ``module`` (each tied group once)."""
@@ -232,7 +237,9 @@ class StreamedModel:
     def _read(self, names: list[str]) -> torch.Tensor:
         for n in names:
             if n in self.overrides:
-                return self.overrides[n].to(self.device, self.dtype)
+                o = self.overrides[n]
+                t = o.dequantize() if hasattr(o, "dequantize") else o  # a QuantizedWeight: dequantized when read
+                return t.to(self.device, self.dtype)
         for n in names:
             f = self.index.get(n)
             if f is not None:
@@ -349,4 +356,5 @@ class StreamedModel:
 
 
 __all__ = ["Batch", "StreamedModel", "batches_bytes", "capture_layer0_inputs", "checkpoint_bytes", "first_output",
+           "parameters_on_meta",
            "free_device_bytes", "offload_batches", "run_layer", "should_stream", "weight_index"]

@@ -52,6 +52,7 @@ class QuantizeResult:
     plan: Plan
     timings: dict[str, float] = field(default_factory=dict)
     memory: dict = field(default_factory=dict)  # peak_bytes, how it was measured, streamed, activations_offloaded
+    layer_s: list[float] = field(default_factory=list)  # wall time of each decoder layer (read, solve, forward)
 
 
 def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -142,7 +143,7 @@ def _quantize(model: nn.Module | StreamedModel, config: QuantConfig, specs: dict
     layers, prefix = decoder_layers(model), layers_prefix(model)
     memory = _Memory(config.device, stream, model)
 
-    batches, offload_acts = None, False
+    batches, offload_acts, layer_s = None, False, []
     with eager_attention(model, gptq and config.attention), progress_bar(progress and group.writes) as bar:
         if gptq:
             t = time.perf_counter()
@@ -157,6 +158,7 @@ def _quantize(model: nn.Module | StreamedModel, config: QuantConfig, specs: dict
         run_on = config.device if offload_acts else None
         task = bar.add_task(f"{method.upper()} layers", total=len(layers))
         for i, layer in enumerate(layers):
+            t_layer = time.perf_counter()
             if stream is not None:
                 stream.materialize(layer)
             rel = layer_linears(layer)
@@ -197,13 +199,14 @@ def _quantize(model: nn.Module | StreamedModel, config: QuantConfig, specs: dict
                 memory.note(batches)
             if stream is not None:
                 stream.release(layer)
+            layer_s.append(time.perf_counter() - t_layer)
             bar.advance(task)
     timings["total_s"] = time.perf_counter() - t0
     timings["peak_memory_bytes"] = float(memory.peak())
     qweights = {n: qweights[n] for n in plan.layers if n in qweights}  # model order, whatever the ranks
     return QuantizeResult(qweights, plan, timings, {"peak_bytes": memory.peak(), "measure": memory.measure,
                                                      "streamed": stream is not None,
-                                                     "activations_offloaded": offload_acts})
+                                                     "activations_offloaded": offload_acts}, layer_s)
 
 
 def solve_groups(names: list[str], hessians: dict | None) -> list[list[str]]:

@@ -39,6 +39,15 @@ windows (``kv_block``); one compiled graph serves each window length. On CUDA th
 then captured in the engine's own CUDA graph. The eager step stays the oracle: compiled logits
 equal eager ones within the dtype's tolerance (tests/runtime/test_step_compile.py).
 
+Several tokens in one forward (the speculative verify step, :mod:`slq.runtime.speculative`):
+:meth:`DecodeEngine.decode_tokens` runs T tokens at positions ``pos .. pos+T-1`` over the same
+static cache: it writes their T keys/values at those positions and each token attends to cache
+positions ``<= its own`` (a ``[T, kv_len]`` mask), so its logits equal those of T single steps.
+It does not advance ``pos``. Rollback is :meth:`DecodeEngine.set_position`: the cache is never
+copied; entries at positions ``>= pos`` are stale, are never attended (outside the exact window or
+masked in a padded one) and are overwritten by the next write there. On CUDA each (T, window)
+pair gets its own CUDA graph (:meth:`DecodeEngine.forward_tokens`), from the same pool.
+
 Batches: rows must share one prompt length (no padding; give equal-length prompts). Stopping
 follows ``transformers`` generate: when every row has produced an EOS the loop stops (checked
 every ``check_every`` steps on CUDA, every step on CPU), and tokens after a row's first EOS are
@@ -246,15 +255,19 @@ class DecodeEngine:
         self.S = 0
         self.kv = None
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._tgraphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (T, kv_len) -> decode_tokens graph
+        self._tbufs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # T -> (ids [B, T], logits [B, T, V])
         self._pool = None
         self.stats = DecodeStats()
         self._step = self.decode_one_token
+        self._tokens = self.decode_tokens
         if self.compile:
             import torch._dynamo
 
             # one graph per (buffers, window length): allow as many as a long generation needs
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._step = torch.compile(self.decode_one_token, backend=self.compile, fullgraph=True, dynamic=False)
+            self._tokens = torch.compile(self.decode_tokens, backend=self.compile, fullgraph=True, dynamic=False)
 
     # ------------------------------------------------------------------ set-up
 
@@ -283,6 +296,8 @@ class DecodeEngine:
                 raise SlqError(f"rope type {rope_type!r} changes its frequencies beyond {limit} positions; the "
                                f"decode engine handles up to {limit}, asked for {S}")
         self._graphs.clear()
+        self._tgraphs.clear()
+        self._tbufs.clear()
         self.kv = None
         n_layers = len(self.layers)
         dev, dt = self.device, self.dtype
@@ -299,6 +314,17 @@ class DecodeEngine:
         self.next = torch.zeros((batch, 1), dtype=torch.long, device=dev)  # greedy output
         self.logits = torch.zeros((batch, self.lm_head.out_features), dtype=torch.float32, device=dev)
         self.batch, self.S = batch, S
+
+    def allocate(self, batch: int, positions: int) -> None:
+        """Make the cache hold ``batch`` rows and at least ``positions`` positions (reused when it does)."""
+        self._allocate(batch, positions)
+
+    def set_position(self, pos: int) -> None:
+        """Roll the cache back (or forward) to ``pos`` filled positions, without copying it: the next
+        step writes at ``pos``; entries at ``>= pos`` are stale and never attended."""
+        if not 0 <= pos < self.S:
+            raise SlqError(f"position {pos} is outside the cache (0..{self.S - 1})")
+        self.pos.fill_(pos)
 
     # ------------------------------------------------------------------ the model
 
@@ -375,6 +401,66 @@ class DecodeEngine:
         self.ids.copy_(self.next)
         self.pos.add_(1)
 
+    def decode_tokens(self, ids: torch.Tensor, logits: torch.Tensor, kv_len: int) -> None:
+        """T tokens ``ids`` [B, T] at positions pos..pos+T-1 in one forward over the static cache: writes
+        their k/v there, each attends over cache positions [0, kv_len) masked to <= its own position;
+        float32 logits [B, T, V] into ``logits``. ``pos`` is not advanced (see :meth:`set_position`)."""
+        B, T = ids.shape
+        h = self.embed(ids)  # [B, T, D]
+        at = self.pos + self.arange[:T]  # [T] positions
+        cos = self.cos.index_select(0, at)[None, None]  # [1, 1, T, head_dim]
+        sin = self.sin.index_select(0, at)[None, None]
+        mask = (self.arange[:kv_len][None, :] <= at[:, None]).view(1, 1, T, kv_len)
+        for li, lay in enumerate(self.layers):
+            r = h
+            q, k, v = self._qkv(lay, lay.in_norm(h))
+            q, k = self._rope(q, k, cos, sin)
+            kc, vc = self.kv[li, 0], self.kv[li, 1]
+            kc.index_copy_(2, at, k)
+            vc.index_copy_(2, at, v)
+            a = F.scaled_dot_product_attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mask,
+                                               scale=lay.scaling, enable_gqa=lay.n_heads != lay.n_kv)
+            h = r + lay.o(a.transpose(1, 2).reshape(B, T, -1))
+            h = self._mlp(lay, h)
+        logits.copy_(self.lm_head(self.norm(h)))
+
+    def token_buffers(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The static (ids [B, T], float32 logits [B, T, V]) buffers of :meth:`forward_tokens`."""
+        b = self._tbufs.get(T)
+        if b is None:
+            if not 1 <= T <= self.S:
+                raise SlqError(f"cannot run {T} tokens at once in a cache of {self.S} positions")
+            b = self._tbufs[T] = (torch.zeros((self.batch, T), dtype=torch.long, device=self.device),
+                                  torch.zeros((self.batch, T, self.lm_head.out_features), dtype=torch.float32,
+                                              device=self.device))
+        return b
+
+    def forward_tokens(self, T: int, pos: int) -> torch.Tensor:
+        """:meth:`decode_tokens` on ``token_buffers(T)[0]`` with the engine at position ``pos`` (the caller
+        knows it on the host; ``self.pos`` must hold it); a CUDA graph per (T, window) on CUDA.
+        Returns the logits buffer [B, T, V] (overwritten by the next call)."""
+        if pos + T > self.S:
+            raise SlqError(f"{T} tokens at position {pos} do not fit a cache of {self.S} positions")
+        ids, logits = self.token_buffers(T)
+        kv_len = self._window_len(pos + T - 1)
+        if self.cuda_graph:
+            key = (T, kv_len)
+            g = self._tgraphs.get(key)
+            if g is None:
+                g = self._tgraphs[key] = self._capture(lambda: self._tokens(ids, logits, kv_len), restore=False)
+            g.replay()
+        else:
+            self._tokens(ids, logits, kv_len)
+        return logits
+
+    def step(self, pos: int) -> None:
+        """One :meth:`decode_one_token` with the engine at host-known position ``pos`` (graph replay on CUDA)."""
+        kv_len = self._window_len(pos)
+        if self.cuda_graph:
+            self._graph(kv_len).replay()
+        else:
+            self._step(kv_len)
+
     # ------------------------------------------------------------------ graphs
 
     def _window_len(self, pos: int) -> int:
@@ -386,15 +472,24 @@ class DecodeEngine:
         g = self._graphs.get(kv_len)
         if g is not None:
             return g
+        g = self._capture(lambda: self._step(kv_len))
+        self._graphs[kv_len] = g
+        self.stats.graphs.append(kv_len)
+        return g
+
+    def _capture(self, fn, restore: bool = True) -> torch.cuda.CUDAGraph:
+        """Warm ``fn`` up on a side stream (restoring ids/pos after each run when ``restore``), then
+        capture it into a CUDA graph in the engine's pool."""
         t0 = time.perf_counter()
         ids0, pos0 = self.ids.clone(), self.pos.clone()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):  # warm-up: Triton JIT, cuBLAS handles, allocator; state restored after each
-                self._step(kv_len)
-                self.ids.copy_(ids0)
-                self.pos.copy_(pos0)
+                fn()
+                if restore:
+                    self.ids.copy_(ids0)
+                    self.pos.copy_(pos0)
         torch.cuda.current_stream().wait_stream(s)
         torch.cuda.synchronize()
         if self._pool is None:
@@ -404,13 +499,11 @@ class DecodeEngine:
         except TypeError:  # a torch without keep_graph
             g, kept = torch.cuda.CUDAGraph(), False
         with torch.cuda.graph(g, pool=self._pool):  # capture records, it does not run: state unchanged
-            self._step(kv_len)
+            fn()
         if kept:
             g.instantiate()  # now, not at the first replay (which is timed)
         torch.cuda.synchronize()
-        self._graphs[kv_len] = g
         self.stats.capture_s += time.perf_counter() - t0
-        self.stats.graphs.append(kv_len)
         return g
 
     # ------------------------------------------------------------------ generate

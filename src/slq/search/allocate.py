@@ -145,7 +145,7 @@ def prune_dominated(sizes: Sequence[int], scores: Sequence[float], protected: Se
     and ``scores[k] <= scores[j]`` (the tie rule of :func:`_frontier`: the smaller size among equal scores, the
     lower score among equal sizes, the lower index among duplicates). ``protected[j]`` keeps ``j`` anyway.
 
-    Returns (kept indices ascending, pruned index -> the frontier index that dominates it). When the solve's
+    Returns (kept indices ascending, pruned index -> the smallest frontier index that dominates it). When the solve's
     costs are the scores (or order the choices the same way), no choice it can pick is pruned: both solvers only
     ever pick from this frontier.
     """
@@ -162,9 +162,9 @@ def prune_dominated(sizes: Sequence[int], scores: Sequence[float], protected: Se
     for j in range(len(c)):
         if j in kept:
             continue
-        # the dominating frontier choice: the cheapest-scoring one among those no larger
+        # the dominating frontier choice named: the smallest one (fewest bits at no more loss)
         cands = [k for k in front if s[k] <= s[j] and c[k] <= c[j]]
-        by[j] = min(cands, key=lambda k: (c[k], s[k], k)) if cands else front[0]
+        by[j] = min(cands, key=lambda k: (s[k], c[k], k)) if cands else front[0]
     return kept, by
 
 

@@ -70,6 +70,7 @@ def _settings(session: "SearchSession", target: str) -> dict:
             "sens_seq_len": int(session.sens_w.shape[1]), "verify_windows": c.verify_windows,
             "confirm_windows": c.confirm_windows,
             "verify_data": c.verify_data or "calibration source, windows after the calibration ones",
+            "real_text_margin": c.real_text_margin,
             "probe_bits": list(c.probe_bits), "orderings": c.orderings, "fisher_draws": c.fisher_draws,
             "attention_hessians": c.quant.attention, "act_order": c.quant.act_order, "damp": c.quant.damp,
             "workdir": str(session.workdir)}
@@ -112,6 +113,8 @@ def build_search_report(session: "SearchSession", result: dict, baselines: list[
         "measured": final["measured"],
         "confirmed": final.get("confirmation"),
         "confirmation": result.get("confirmation"),
+        "on_policy": final.get("on_policy"),
+        "verification": result.get("verification"),
         "allocation": {name: str(c) for name, c in alloc.items()},
         "bits_histogram": {str(b): sum(u.n_params for u in session.units if alloc[u.name].bits == b) / n
                            for b in session.choices},
@@ -286,6 +289,17 @@ def markdown(report: dict) -> str:
                          f"[{e['ci95'][0]:.5f}, {e['ci95'][1]:.5f}], {'passed' if c['passed'] else 'failed'}")
     elif conf and conf.get("note"):
         lines += ["", f"Confirmation: {conf['note']}."]
+    ver = report.get("verification") or {}
+    if ver.get("on_policy_tries"):
+        lines += ["", f"On-policy check ({ver['on_policy_windows']} held-out windows of the calibration source; "
+                      f"the verification windows above are real text, {ver['real_text']}):", ""]
+        for c in ver["on_policy_tries"]:
+            e = c["measured"]["ear"]
+            lines.append(f"- round {c['round']} ({c['bits_per_param']:.4f} b/p): EAR {e['mean']:.5f} "
+                         f"[{e['ci95'][0]:.5f}, {e['ci95'][1]:.5f}], {'passed' if c['passed'] else 'failed'}")
+    elif ver.get("margin"):
+        lines += ["", f"No real text verified this run: the lower bound had to reach {ver['threshold']:.4f} "
+                      f"(target + a real-text margin of {ver['margin']:g})."]
     if report.get("anchor"):
         a = report["anchor"]
         lines += ["", f"TL anchor (uniform 4-bit): KL {a['kl']:.3e}, recovery {a['recovery']:.4f}, "

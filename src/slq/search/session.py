@@ -7,7 +7,8 @@ A :class:`SearchSession` prepares, once, everything a measurement needs, in name
 2. sample the windows: calibration (the bank and the sensitivities), verification, and a second held-out
    sample (confirmation). They never overlap: text sources use the windows after the calibration ones (then
    after the verification ones), ``generated`` data one sampling pass whose sequence ``i`` depends only on
-   ``(seed, i)``, and another ``verify_data`` source is held out by construction;
+   ``(seed, i)``, and another ``verify_data`` source (real text) is held out by construction; with it, the
+   calibration source's own held-out windows are kept too (``policy_w``), so that DL verifies on both;
 3. build (or resume) the bank: every unit quantized once at every candidate bitwidth;
 4. record the reference's logits on the verification windows, and prepare the prober on the sensitivity
    windows (the first ``sens_windows`` calibration windows) with uniform assemblies measured for the
@@ -59,6 +60,7 @@ class SearchSession:
         self.config = config if config is not None else SearchConfig()
         self.progress, self.t_start, self.timings = progress, time.perf_counter(), {}
         self.confirm_note = self.ref_confirm = self.ref_tasks = None
+        self.policy_w = self.policy_note = self.ref_policy = None  # held-out calibration-source windows (verify_data)
         torch.manual_seed(self.seed)
         self._open(model, trust_remote_code)
         check_target(self.config, self.units)  # a budget it cannot reach fails before the (long) bank
@@ -131,7 +133,16 @@ class SearchSession:
             self.verify_w = self._windows(q.calib, n_ver, skip=n_cal, seed=q.seed)
             self.confirm_w = self._confirm_windows(q.calib, n_cal + n_ver, q.seed)
         else:  # another source: held out by construction (e.g. WikiText-2 test against C4 calibration)
-            self.calib_w = self._windows(q.calib, n_cal, seed=q.seed)
+            if q.calib is None or q.calib == GENERATED:  # one pass: the calibration, then its held-out windows
+                both = generated_windows(self.model, self.tok, n_cal + n_ver, q.seq_len, seed=q.seed,
+                                         device=self.device, progress=self.progress)
+                self.calib_w, self.policy_w = both[:n_cal], both[n_cal:]
+            else:
+                self.calib_w = self._windows(q.calib, n_cal, seed=q.seed)
+                try:
+                    self.policy_w = self._windows(q.calib, n_ver, skip=n_cal, seed=q.seed)
+                except SlqError as e:
+                    self.policy_note = f"no held-out calibration-source windows: {e}"
             self.verify_w = self._windows(c.verify_data, n_ver, seed=q.seed + 1)
             self.confirm_w = self._confirm_windows(c.verify_data, n_ver, q.seed + 1)
         self.sens_w = self.calib_w[: c.sens_windows, : (c.sens_seq_len or q.seq_len)]
@@ -267,6 +278,16 @@ class SearchSession:
             out.append(compare_windows(self.ref_confirm, self.model, self.confirm_w, device=self.device,
                                        progress=False, seed=self.seed))
         return out
+
+    def on_policy(self, alloc):
+        """With ``verify_data`` (real text verifies), the allocation compared with the reference on held-out
+        windows of the calibration source (the generated ones by default): the DL check covers both."""
+        if self.ref_policy is None:
+            self.bank.restore(self.model)
+            self.ref_policy = CachedLogits().record(self.model, self.policy_w, device=self.device)
+        self.bank.apply(self.model, alloc)
+        return compare_windows(self.ref_policy, self.model, self.policy_w, device=self.device, progress=False,
+                               seed=self.seed)
 
     def run(self, target: str | None = None, **settings) -> dict:
         """Rounds of allocate -> assemble -> measure for one target (default: the config's), with the config's

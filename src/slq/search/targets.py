@@ -8,7 +8,11 @@ budget moves after it:
   session's :class:`~slq.search.prober.EarMap` turns the EAR target into a KL budget. A round is accepted only
   when the 95% bootstrap lower bound of its measured EAR is >= ``ear`` on the verification windows and, when
   the session has them, on the confirmation windows (a second held-out sample: the rounds choose by the
-  verification windows, so the best accepted one's bound there is optimistic). Before any acceptance the budget
+  verification windows, so the best accepted one's bound there is optimistic). The verdict must hold off the
+  calibration distribution: with real text (``verify_data``) the verification and confirmation windows are
+  real text *and* the calibration source's held-out windows (on-policy, e.g. generated) must pass too; without
+  it, the verification windows are on-policy and the bound must reach ``ear + real_text_margin`` (the measured
+  gap between on-policy and real-text EAR). Before any acceptance the budget
   is tightened by the measured shortfall (the lower of the two bounds, through the map's exponent, with a 10%
   margin). An accepted round with slack loosens it the same way, to look for fewer bits; after a loosened round
   fails, the budget is bisected (geometrically) between the accepted and the failed one. A round whose
@@ -112,23 +116,39 @@ def _halve_until_accepted(kl_budget, rec, accepted):
 # ----------------------------------------------------------------------------------------- the targets
 
 
+def _dl_threshold(session: "SearchSession", config: "SearchConfig") -> float:
+    """The lower bound a round's verification windows must reach: ``ear``, plus ``real_text_margin`` when no real
+    text verifies (the measured gap between on-policy and real-text EAR), capped below 1."""
+    if config.verify_data is not None:
+        return config.ear
+    return min(config.ear + config.real_text_margin, 1.0 - 1e-6)
+
+
 def run_dl(session: "SearchSession", config: "SearchConfig") -> dict:
     t_run, timings = time.perf_counter(), {"solve_s": 0.0, "verify_s": 0.0}
     ear, lows, failed = config.ear, [], []  # lows[-1]: the last round's lower bound; failed: budgets that failed
+    need = _dl_threshold(session, config)
+    policy = getattr(session, "policy_w", None) is not None
 
     def judge(alloc, fid, rec):
         lb = fid.ear_ci95[0]
-        if lb >= ear and session.confirm_w is not None:  # and on the second held-out sample
+        if lb >= need and session.confirm_w is not None:  # and on the second held-out sample
             t = time.perf_counter()
             (cf,) = session.confirm([alloc])
-            rec["confirmation"] = {"measured": fid_summary(cf), "passed": bool(cf.ear_ci95[0] >= ear)}
+            rec["confirmation"] = {"measured": fid_summary(cf), "passed": bool(cf.ear_ci95[0] >= need)}
             lb = min(lb, cf.ear_ci95[0])
             timings["confirm_s"] = timings.get("confirm_s", 0.0) + time.perf_counter() - t
+        if lb >= need and policy:  # real text verified it: and the calibration source's held-out windows
+            t = time.perf_counter()
+            pf = session.on_policy(alloc)
+            rec["on_policy"] = {"measured": fid_summary(pf), "passed": bool(pf.ear_ci95[0] >= ear)}
+            lb = min(lb, pf.ear_ci95[0] + (need - ear))
+            timings["on_policy_s"] = timings.get("on_policy_s", 0.0) + time.perf_counter() - t
         lows.append(lb)
-        return lb >= ear
+        return lb >= need
 
     def step(kl_budget, rec, accepted):
-        ratio = ((1.0 - ear) / max(1.0 - lows[-1], 1e-12)) ** (1.0 / session.emap.beta)
+        ratio = ((1.0 - need) / max(1.0 - lows[-1], 1e-12)) ** (1.0 / session.emap.beta)
         if accepted is None:  # tighten by the measured shortfall, with a 10% margin
             return min(kl_budget * 0.9, kl_budget * 0.9 * ratio)
         if not rec["accepted"]:
@@ -137,14 +157,23 @@ def run_dl(session: "SearchSession", config: "SearchConfig") -> dict:
             return kl_budget * max(1.05, 0.9 * ratio)
         return math.sqrt(accepted["kl_budget"] * min(failed))  # bisect between the accepted and the failed
 
-    rounds, accepted = _rounds(session, config, session.emap.kl_for(ear), timings,
+    rounds, accepted = _rounds(session, config, session.emap.kl_for(need), timings,
                                solve=lambda b: _solve_kl(session, b), judge=judge, step=step)
     tries = [{"round": r["round"], "bits_per_param": r["bits_per_param"], **r["confirmation"]}
              for r in rounds if "confirmation" in r]
     confirmation = {"windows": 0 if session.confirm_w is None else int(session.confirm_w.shape[0]), "tries": tries}
     if session.confirm_w is None:
         confirmation["note"] = session.confirm_note or "no confirmation windows asked for"
-    return _result(config, rounds, accepted, timings, t_run, shown={"ear": ear}, confirmation=confirmation)
+    verification = {"real_text": config.verify_data, "threshold": need,
+                    "margin": 0.0 if config.verify_data is not None else config.real_text_margin,
+                    "on_policy_windows": int(session.policy_w.shape[0]) if policy else 0,
+                    "on_policy_tries": [{"round": r["round"], "bits_per_param": r["bits_per_param"], **r["on_policy"]}
+                                        for r in rounds if "on_policy" in r]}
+    if config.verify_data is not None and not policy:
+        verification["note"] = getattr(session, "policy_note", None) or "no on-policy windows"
+    result = _result(config, rounds, accepted, timings, t_run, shown={"ear": ear}, confirmation=confirmation)
+    result["verification"] = verification
+    return result
 
 
 def _task_scorer(session: "SearchSession", config: "SearchConfig") -> Callable[[], dict]:
