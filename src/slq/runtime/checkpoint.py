@@ -15,7 +15,19 @@ Per quantized linear ``name`` (weight [N, K], bits b, G columns per group):
 - ``name.weight_shape``   int64 [2] = [N, K].
 
 One config group per distinct (bits, group, symmetric); ``targets`` are exact module
-names. Everything else (embeddings, norms, lm_head) is stored as in the model.
+names. Everything else (embeddings, norms, an unquantized lm_head) is stored as in the model.
+
+The output head. A quantized ``lm_head`` is one more target (and leaves ``ignore``), packed like any
+linear. When the model ties it to the input embedding, the format cannot hold the pair as one tensor:
+compressed-tensors replaces ``lm_head.weight`` by its packed tensors, so a tie declared in config.json
+would make transformers either overwrite the decompressed head with the embedding or leave two
+unrelated tensors. The writer therefore *unties* the pair on disk: ``tie_word_embeddings`` is written
+false, and the embedding is stored dense as exactly the dequantized head (what a fake-quantized tied
+model holds after :func:`slq.quant.pipeline.quantize_model`: one Parameter, so the embedding moved with
+the head). The two stay equal after loading, in plain transformers as in :func:`load`: the observable
+meaning of "the tied weights stay tied". It costs bytes on disk (the embedding at its dtype plus the
+packed head, instead of one tensor), not bytes a decode step reads (the embedding is a row gather).
+
 Writes go to a temporary directory that is fsync'ed and renamed into place at the end
 (:mod:`slq.util.atomic`); the report is written inside it, so the report and the weights in a
 directory always belong to the same run. The bytes are a function of the tensors alone: the
@@ -61,8 +73,9 @@ def _ct():
     return pack_to_int32, unpack_from_int32, QuantizationArgs, QuantizationConfig, QuantizationScheme
 
 
-def quantization_config(specs: dict[str, QuantSpec]) -> dict:
-    """The ``quantization_config`` dict for config.json (compressed-tensors schema)."""
+def quantization_config(specs: dict[str, QuantSpec], head: str = "lm_head") -> dict:
+    """The ``quantization_config`` dict for config.json (compressed-tensors schema); ``head`` (the output
+    head's module name) is in ``ignore`` unless it is quantized."""
     _, _, QuantizationArgs, QuantizationConfig, QuantizationScheme = _ct()
     groups: dict[tuple, list[str]] = {}
     for name, s in specs.items():
@@ -79,7 +92,8 @@ def quantization_config(specs: dict[str, QuantSpec]) -> dict:
         )
         config_groups[f"group_{i}"] = QuantizationScheme(targets=names, weights=args, format="pack-quantized")
     qc = QuantizationConfig(
-        config_groups=config_groups, format="pack-quantized", quantization_status="compressed", ignore=["lm_head"]
+        config_groups=config_groups, format="pack-quantized", quantization_status="compressed",
+        ignore=[] if head in specs else [head],
     )
     return qc.model_dump(mode="json")
 
@@ -161,6 +175,8 @@ def save_checkpoint(
     """
     t_save = time.perf_counter()
     out = Path(out_dir)
+    head, embed = _head_names(model)
+    untie = head in qweights and _tied(model)
     if out.exists() and not force:
         raise SlqError(f"output directory {out} exists; pass --force to replace it")
     check_out_dir(out, getattr(model, "name_or_path", None) or None, force=force)
@@ -172,6 +188,8 @@ def save_checkpoint(
             if key in skip:
                 continue
             ptr = val.data_ptr()
+            if untie and key == f"{embed}.weight":  # a quantized tied head: the embedding is stored on its own
+                ptr = -1
             if ptr in seen_ptrs and val.numel() > 0:  # tied weights are stored once
                 continue
             seen_ptrs[ptr] = key
@@ -186,8 +204,16 @@ def save_checkpoint(
             for k, v in pack_weight(q).items():
                 tensors[f"{name}.{k}"] = v
         save_safetensors(tensors, tmp / WEIGHTS, {"format": "pt", "producer": "slq"})
+        if untie:
+            qh = qweights[head].dequantize()
+            stored = tensors[f"{embed}.weight"]
+            if not torch.equal(qh.to(stored.dtype), stored):
+                raise ValueError(f"{embed}.weight is tied to the quantized {head} but differs from its dequantized "
+                                 "weight; quantize the model in place before saving")
         cfg = model.config.to_dict()
-        cfg["quantization_config"] = quantization_config({n: q.spec for n, q in qweights.items()})
+        if untie:
+            _untie_config(cfg)
+        cfg["quantization_config"] = quantization_config({n: q.spec for n, q in qweights.items()}, head)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -200,6 +226,29 @@ def save_checkpoint(
             report["timings"]["total_s"] = time.perf_counter() - started
         (tmp / REPORT).write_text(json.dumps(report, indent=2, default=_json_default))
     return out
+
+
+def _head_names(model) -> tuple[str, str | None]:
+    """Module names of the output head and the input embedding (``lm_head`` / None when not found)."""
+    by_id = {id(m): n for n, m in model.named_modules()}
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return by_id.get(id(out), "lm_head"), by_id.get(id(inp))
+
+
+def _tied(model) -> bool:
+    """The output head shares its weight with the input embedding."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def _untie_config(cfg: dict) -> None:
+    """``tie_word_embeddings`` false wherever the config declares it (the text config of a composite model too)."""
+    cfg["tie_word_embeddings"] = False
+    for v in cfg.values():
+        if isinstance(v, dict) and "tie_word_embeddings" in v:
+            v["tie_word_embeddings"] = False
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
@@ -244,7 +293,7 @@ def read_specs(config: dict) -> dict[str, QuantSpec]:
         except ValueError as e:
             raise SlqError(f"config group {gname}: {e}") from e
         for target in grp.get("targets", []):
-            if target.startswith("re:") or "." not in target:
+            if target.startswith("re:") or ("." not in target and not target.islower()):  # not a class name
                 raise SlqError(f"config group {gname}: target {target!r} is not an exact module name")
             specs[target] = s
     if not specs:
