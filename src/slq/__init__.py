@@ -7,6 +7,7 @@ Public API::
     slq.load(dir)                                  -> model whose linears are QuantLinear
     slq.evaluate(reference, candidate)             -> Fidelity (EAR, KL, top-1, PPL, on-policy, tasks)
     slq.quantize_model(model, config, ...)         -> in-place, in-memory quantization (codes + plan)
+    slq.speculative.generate(target, draft, ids)   -> exact speculative decoding (the DL checkpoint drafts)
 
 The keyword settings (``slq.quantize(model, bits=4, group_size=128, ...)``) build the same configs.
 """
@@ -17,6 +18,7 @@ from .quant.config import QuantConfig
 from .quant.pipeline import quantize_model
 from .quant.spec import LayerPlan, Plan, QuantSpec
 from .runtime.checkpoint import load
+from .runtime import speculative
 from .runtime.qlinear import QuantLinear
 from .search.config import SearchConfig
 from .util.errors import ConfigError, SlqError
@@ -39,4 +41,5 @@ __all__ = [
     "load",
     "quantize",
     "quantize_model",
+    "speculative",
 ]

@@ -151,9 +151,11 @@ SEARCH_ONLY = ("ear", "recovery", "tasks", "task_limit", "bitwidths", "units", "
                "baselines", "workdir")
 UNIFORM_ONLY = ("do_eval", "eval_data", "eval_tokens")
 
-# --fast: cheaper settings for a uniform run (an option given explicitly wins). Chosen by measurement:
-# see bench/fast_preset.py and the module docstring there.
-FAST = {"method": "rtn", "calib_samples": 32, "seq_len": 256}
+# --fast: cheaper settings for a uniform run (an option given explicitly wins). RTN with the MSE-optimal
+# clipping (on by default): GPTQ's solve alone takes minutes on SmolLM2 on 2 cores whatever the calibration
+# size (110-300 s in bench/results/quantize_smollm2.json), RTN about 10 s. bench/fast_preset.py measures the
+# time and EAR against the default.
+FAST = {"method": "rtn"}
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -340,8 +342,8 @@ def print_search(report: dict) -> None:
     m, p = report["measured"], report["predicted"]
     tb = Table(title=f"SLQ search ({t['kind']}, estimator {report['sensitivity']['estimator']}): "
                      f"{'verified' if report['verified'] else 'NOT verified'}")
-    for c in ("round", "KL budget", "pred. KL", "pred. EAR", "bits/param", "EAR [95% CI] held-out", "KL", "accepted"):
-        tb.add_column(c, justify="right")
+    for c in ("#", "KL budget", "pred. KL", "pred. EAR", "bits/p", "EAR [95% CI] held-out", "KL", "accepted"):
+        tb.add_column(c, justify="right", no_wrap=True)
     for r in report["rounds"]:
         mm = r["measured"]
         tb.add_row(str(r["round"]), "-" if r["kl_budget"] is None else f"{r['kl_budget']:.2e}",
@@ -413,24 +415,23 @@ def print_plan_summary(report: dict) -> None:
     for (b, g, sym), (k, n, bp) in sorted(rows.items()):
         t.add_row(str(b), "channel" if g == -1 else str(g), "yes" if sym else "no", str(k), f"{n:,}",
                   f"{n / max(total, 1):.1%}", f"{bp / max(n, 1):.3f}")
+    t.add_section()
+    t.add_row("all", "", "", str(sum(r[0] for r in rows.values())), f"{total:,}", "100.0%",
+              f"{report['bits_per_param']:.3f}")
     console.print(t)
 
 
-def _short(name: str) -> str:
-    """``model.layers.12.self_attn.q_proj`` -> ``12.self_attn.q_proj`` (the table's layer column)."""
-    head, sep, rest = name.partition(".layers.")
-    return rest if sep else name
-
-
 def print_plan(report: dict, path) -> None:
-    t = Table(title=f"{path}  (model: {report.get('model')}; layer = model.layers.<i>...)")
+    t = Table(title=f"{path}  (model: {report.get('model')})")
     for col in ("layer", "bits", "group", "sym", "gamma", "gamma^2", "bits/param", "note"):
-        t.add_column(col, justify="left" if col in ("layer", "note") else "right", no_wrap=col == "layer")
+        # numbers keep their width; the note folds into the room that is left (100 columns off a terminal)
+        t.add_column(col, justify="left" if col in ("layer", "note") else "right", no_wrap=col != "note",
+                     min_width=None if col == "note" else len(col), overflow="fold" if col == "note" else "ellipsis")
     for name, lp in report["plan"].items():
         s = lp["spec"]
         g = "channel" if s["group_size"] is None else str(s["group_size"])
         note = "" if lp["group_note"] == "as requested" else lp["group_note"]
-        t.add_row(_short(name), str(s["bits"]), g, "yes" if s["symmetric"] else "no", _fmt(lp.get("gamma_mean")),
+        t.add_row(name, str(s["bits"]), g, "yes" if s["symmetric"] else "no", _fmt(lp.get("gamma_mean")),
                   _fmt(lp.get("gamma2_mean")), f"{lp['bits_per_param']:.3f}", note)
     console.print(t)
 
@@ -518,9 +519,10 @@ def print_fidelity(d: dict) -> None:
     t.add_row("tokens/s (both models)", f"{d['timing']['tokens_per_s']:.1f}")
     console.print(t)
     if d.get("tasks"):
-        tt = Table(title="zero-shot, paired (candidate - reference)")
+        tt = Table(title="zero-shot, paired (candidate - reference)", show_edge=False)
         for c in ("task", "n", "metric", "ref", "cand", "delta", "95% CI", "p", "verdict"):
-            tt.add_column(c, justify="left" if c in ("task", "metric", "verdict") else "right")
+            tt.add_column(c, justify="left" if c in ("task", "metric", "verdict") else "right",
+                          no_wrap=c != "task")
         for name, r in d["tasks"].items():
             verdict = r.get("verdict") or ("lossless" if r["lossless"] else "not lossless")
             tt.add_row(name, str(r.get("n", "")), str(r.get("metric", "")), f"{r['acc_reference']:.4f}",

@@ -25,6 +25,7 @@ def test_act_order_default_follows_the_method():
     (dict(group_size=128.0), "group_size"), (dict(method="awq"), "method"), (dict(damp=0), "damp"),
     (dict(damp=float("nan")), "damp"), (dict(calib_samples=0), "calib_samples"), (dict(seq_len=1), "seq_len"),
     (dict(seed=-1), "seed"), (dict(clip=1), "clip"), (dict(device="tpu"), "device"), (dict(method="{x}"), "method"),
+    (dict(head_bits=16), "head_bits"), (dict(head_bits=1), "head_bits"), (dict(head_bits=True), "head_bits"),
 ])
 def test_bad_values_name_their_field_and_render_as_a_flag(bad, field):
     with pytest.raises(ConfigError) as e:

@@ -42,7 +42,9 @@ from slq.util.errors import ConfigError
     (dict(groups=(128, 48)), "groups"),                 # not a group size
     (dict(groups=(64, 32)), "groups"),                  # must include group_size (128): uniform assemblies use it
     (dict(groups=128), "groups"),
-    (dict(head=True), "head"),                          # not supported yet: refused, not ignored
+    (dict(head=True, bitwidths=(2, 4, 16)), "head"),    # the head's quantized choice is 8: 8 must be a candidate
+    (dict(head=True, estimator="shapley"), "head"),      # Shapley switches the head to every bitwidth
+    (dict(head_bits=8), "head_bits"),                    # the uniform pipeline's head bitwidth: not the search's
     (dict(real_text_margin=0.05), "real_text_margin"),  # ear + margin must stay below 1
 ])
 def test_bad_settings_raise_a_config_error_naming_the_field(settings, field):

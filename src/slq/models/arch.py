@@ -35,6 +35,8 @@ fused units named nine families, the decode engine four):
   and gate/up as single linears with partial rotary: the engine would compute something else, so
   they decode through transformers' ``generate``.
 * probing (``slq.search``): any family whose final norm and head :func:`head` can find.
+* the head as a quantized linear (``QuantConfig.head_bits``, the search's head unit): any family :func:`head`
+  can find; its input is the final norm's output, which :func:`slq.quant.calib.head_hessian` collects.
 
 This module imports only torch and ``slq.util``.
 """
@@ -213,6 +215,21 @@ def head(model: nn.Module) -> Head:
     return Head(norm, lm_head, cap)
 
 
+def head_name(model: nn.Module) -> str:
+    """Full module name of the output head (``lm_head`` in every family above)."""
+    lm_head = head(model).lm_head
+    return next(n for n, m in model.named_modules() if m is lm_head)
+
+
+def head_tied(model: nn.Module) -> bool:
+    """The output head shares its weight Parameter with the input embedding (``tie_word_embeddings``): quantizing
+    the head then changes the embedding too, and a checkpoint stores the pair untied (see
+    :mod:`slq.runtime.checkpoint`)."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
 __all__ = ["DECODE_FAMILIES", "FAMILIES", "FUSED_FAMILIES", "Family", "Head", "KINDS", "ROLES", "decoder_layers",
-           "decoder_linears", "family", "head", "kind_of", "layer_linears", "layers_prefix", "model_type", "role_of",
+           "decoder_linears", "family", "head", "head_name", "head_tied", "kind_of", "layer_linears", "layers_prefix", "model_type", "role_of",
            "unsupported"]

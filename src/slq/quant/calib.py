@@ -4,7 +4,8 @@ The model is cut at its decoder layers: the inputs of layer 0 (hidden states plu
 keyword arguments the model passes each layer: position embeddings, masks) are caught
 once; then each layer is run on its own, and Hessians H = 2/n X^T X of its linears'
 inputs are accumulated with forward pre-hooks. Linears that receive the very same input
-tensor (q/k/v; gate/up) share one Hessian.
+tensor (q/k/v; gate/up) share one Hessian. The output head's Hessian (:func:`head_hessian`) comes from the
+final norm applied to the last layer's outputs.
 
 Attention-aware key/value Hessians (``attention=True``): the error a value projection makes reaches
 the rest of the model only through the attention mixing, o_t = sum_s a_ts v_s. Its relevant error is
@@ -27,7 +28,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..models.arch import decoder_layers, layer_linears  # noqa: F401 - re-exported for pipeline, bank
+from ..models.arch import decoder_layers, head, layer_linears  # noqa: F401 - re-exported for pipeline, bank
 # the forward cut at the decoder layers lives with block streaming; re-exported for the bank and the prober
 from ..models.stream import Batch, first_output, capture_layer0_inputs, run_layer  # noqa: F401
 from .gptq import HessianAccumulator, RowBlockHessians, accumulate
@@ -141,6 +142,21 @@ def collect_hessians(layer: nn.Module, batches: list[Batch], names: list[str], a
                       "Hessian for it", stacklevel=2)
         del blocks[n]
     return {n: blocks[n] if n in blocks else accs[owner[n]] for n in names}
+
+
+@torch.no_grad()
+def head_hessian(model: nn.Module, batches: list[Batch], device: str | torch.device | None = None
+                 ) -> HessianAccumulator:
+    """The output head's Hessian ``H = 2/n X^T X`` with ``X`` its input, ``norm(h)`` for the hidden states
+    ``h`` that leave the last decoder layer (``batches``: the last layer's outputs over the calibration
+    windows). The logit soft-cap acts after the head and does not enter its input."""
+    h = head(model)
+    dev = h.lm_head.weight.device if device is None else device
+    acc = HessianAccumulator(h.lm_head.in_features, device=dev)
+    for b in batches:
+        x = h.norm(_on(b.hidden, device))
+        accumulate(acc, x.detach().reshape(-1, x.shape[-1]).float())
+    return acc
 
 
 def _attention_hooks(attn: nn.Module, lin: nn.Linear, rb: RowBlockHessians, nh: int, nkv: int, hd: int, name: str,

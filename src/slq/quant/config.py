@@ -36,6 +36,9 @@ class QuantConfig:
     :param batch_size: windows per forward during calibration.
     :param seed: seeds sampling and every random choice.
     :param device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    :param head_bits: the output head (``lm_head``; with a tied embedding, the pair) quantized at this bitwidth
+        (2..8; 8 typical), with ``group_size`` and ``symmetric``, by GPTQ on the final-normed hidden states (RTN
+        with method ``rtn``). ``None``: the head is kept at 16-bit.
     :param offload: stream the model: its weights stay in their safetensors files and one decoder block at a
         time is read onto ``device`` (see :mod:`slq.models.stream`); also on by itself when the model does not
         fit the device's free memory.
@@ -56,6 +59,7 @@ class QuantConfig:
     seed: int = 0
     device: str = "cpu"
     offload: bool = False
+    head_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -66,6 +70,9 @@ class QuantConfig:
                                             f"got {_lit(g)}")
         if not _is_int(self.bits) or not 2 <= self.bits <= 8:
             raise ConfigError("bits", f"{{field}} must be an integer in 2..8, got {_lit(self.bits)}")
+        if self.head_bits is not None and (not _is_int(self.head_bits) or not 2 <= self.head_bits <= 8):
+            raise ConfigError("head_bits", "{field} must be an integer in 2..8 (the head's bitwidth) or None "
+                                           f"(kept at 16-bit), got {_lit(self.head_bits)}")
         for name in ("symmetric", "clip", "attention", "offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"{{field}} must be True or False, got {_lit(getattr(self, name))}")
@@ -96,6 +103,11 @@ class QuantConfig:
     def spec(self) -> QuantSpec:
         """The uniform grid: ``bits``, ``group_size``, ``symmetric``."""
         return QuantSpec(self.bits, self.group_size, self.symmetric)
+
+    @property
+    def head_spec(self) -> QuantSpec | None:
+        """The head's grid (``head_bits`` at ``group_size``, ``symmetric``), None when it stays 16-bit."""
+        return None if self.head_bits is None else QuantSpec(self.head_bits, self.group_size, self.symmetric)
 
     def with_(self, **changes) -> "QuantConfig":
         """A copy with ``changes`` (validated again; a new method re-derives the act-order default)."""

@@ -20,10 +20,19 @@ layer's solve; the groups split over ranks (:func:`slq.util.dist.split`, by cost
 gathered on every rank, and every rank writes the same dequantized weights before the next forward. Nothing
 is summed across ranks, so 1 and N ranks give byte-identical codes. (Splitting the windows over ranks would
 divide the forward too, but the Hessians' sums would then round differently.)
+
+The output head (``config.head_bits``): after the last decoder layer, its outputs (under the quantized
+layers, when sequential) pass through the final norm; ``H = 2/n X^T X`` of those normed states is the head's
+Hessian (:func:`slq.quant.calib.head_hessian`), and the head is solved like any linear (N = vocabulary,
+K = hidden), with ``head_bits`` at the config's group size; RTN needs no capture. Every rank solves it (one
+linear: nothing to split). With a tied embedding the head and the embedding are one Parameter, so the
+embedding takes the dequantized head too: the model that is measured is the one the checkpoint stores
+(:mod:`slq.runtime.checkpoint` writes the pair untied, the embedding equal to the dequantized head).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,13 +41,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..models.arch import decoder_layers, decoder_linears, layer_linears, layers_prefix
+from ..models.arch import decoder_layers, decoder_linears, head, head_name, layer_linears, layers_prefix
 from ..models.stream import StreamedModel, batches_bytes, free_device_bytes, offload_batches
 from ..util.dist import SINGLE, Group, all_gather_dict, split
 from ..util.errors import SlqError
 from ..util.progress import progress_bar
 from ..util.provenance import git_commit, versions
-from .calib import capture_layer0_inputs, collect_hessians, eager_attention, run_layer
+from .calib import capture_layer0_inputs, collect_hessians, eager_attention, head_hessian, run_layer
 from .config import QuantConfig
 from .gptq import RowBlockHessians
 from .grid import QuantizedWeight, gamma_stats
@@ -137,6 +146,9 @@ def _quantize(model: nn.Module | StreamedModel, config: QuantConfig, specs: dict
         s = specs.get(name, config.spec)
         if s is not None:
             plan.add(layer_spec(name, lin, s, method))
+    head_at = head_name(model) if config.head_spec is not None else None  # the head, solved after the layers
+    if head_at is not None:
+        plan.add(layer_spec(head_at, head(model).lm_head, config.head_spec, method))
     qweights: dict[str, QuantizedWeight] = {}
     t0 = time.perf_counter()
     timings = {"capture_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0, "forward_s": 0.0}
@@ -171,7 +183,8 @@ def _quantize(model: nn.Module | StreamedModel, config: QuantConfig, specs: dict
                 hessians = {full: found[r] for full, r in names.items()}
                 timings["hessian_s"] += time.perf_counter() - t
             next_batches = None
-            if gptq and not sequential and i + 1 < len(layers):
+            more = i + 1 < len(layers) or head_at is not None  # the head's Hessian needs the last layer's outputs
+            if gptq and not sequential and more:
                 # non-sequential: the next layer sees the outputs of this layer *unquantized*
                 t = time.perf_counter()
                 next_batches = run_layer(layer, batches, run_on)
@@ -188,7 +201,7 @@ def _quantize(model: nn.Module | StreamedModel, config: QuantConfig, specs: dict
                 rel[names[full]].weight.data.copy_(q.dequantize().to(W.device, rel[names[full]].weight.dtype))
                 qweights[full] = q
             timings["solve_s"] += time.perf_counter() - t
-            if gptq and i + 1 < len(layers):
+            if gptq and more:
                 if sequential:
                     t = time.perf_counter()
                     next_batches = run_layer(layer, batches, run_on)
@@ -201,12 +214,36 @@ def _quantize(model: nn.Module | StreamedModel, config: QuantConfig, specs: dict
                 stream.release(layer)
             layer_s.append(time.perf_counter() - t_layer)
             bar.advance(task)
+        if head_at is not None:
+            _quantize_head(model, stream, head_at, batches, plan, config, gptq, run_on, timings, qweights)
     timings["total_s"] = time.perf_counter() - t0
     timings["peak_memory_bytes"] = float(memory.peak())
     qweights = {n: qweights[n] for n in plan.layers if n in qweights}  # model order, whatever the ranks
     return QuantizeResult(qweights, plan, timings, {"peak_bytes": memory.peak(), "measure": memory.measure,
                                                      "streamed": stream is not None,
                                                      "activations_offloaded": offload_acts}, layer_s)
+
+
+def _quantize_head(model: nn.Module, stream: StreamedModel | None, name: str, batches, plan: Plan,
+                   config: QuantConfig, gptq: bool, run_on, timings: dict, qweights: dict) -> None:
+    """Solve the output head (its Hessian from the final-normed last hidden states with GPTQ) and write its
+    dequantized weight into the model (into the tied embedding too: one Parameter)."""
+    with (stream.head() if stream is not None else contextlib.nullcontext()):
+        lin = head(model).lm_head
+        hessians = None
+        if gptq:
+            t = time.perf_counter()
+            hessians = {name: head_hessian(model, batches, run_on)}
+            timings["hessian_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        weights = layer_weights({name: lin})
+        q, metrics = _solve(weights, [name], plan, config, hessians, gptq)[name]
+        lp = plan[name]
+        lp.gamma_mean, lp.gamma2_mean = metrics.pop("gamma")
+        lp.metrics.update(metrics)
+        lin.weight.data.copy_(q.dequantize().to(lin.weight.device, lin.weight.dtype))
+        qweights[name] = q
+        timings["solve_s"] += time.perf_counter() - t
 
 
 def solve_groups(names: list[str], hessians: dict | None) -> list[list[str]]:

@@ -21,6 +21,12 @@ Sizes count weights only (biases stay in 16-bit and are not allocated): for a un
 ``n / G`` is an integer because ``G`` divides ``K`` after :func:`slq.spec.resolve_group_size`;
 ``bits = 16`` means "kept in 16-bit": exactly ``16 * n`` bits, no scales.
 
+The head (``build_units(..., head=True)``): the output head ``lm_head`` (N = vocabulary, K = hidden; with a
+tied embedding the pair, one Parameter) is one more unit, of kind ``"head"``, numbered after the last decoder
+layer (``layer = L``). Its choices are the candidate bitwidths >= :data:`HEAD_MIN_BITS` (8) at the requested
+group sizes, and always :data:`KEEP`: below 8 bits the head's error reaches every logit directly, and it is
+the head kept at 16 that the decoder-only search measured. Its input is the final norm's output.
+
 Choices: what the search may give one unit is a :class:`Choice`, a bitwidth with a group size
 *resolved for the unit's K* (``None``: per-channel), or :data:`KEEP` (16-bit). Its label reads
 ``"8g64"``, ``"8ch"`` (per-channel) or ``"16"``. :func:`unit_choices` lists a unit's choices for
@@ -43,6 +49,8 @@ from .spec import SCALE_BITS, QuantSpec, resolve_group_size
 
 MODES = ("fused", "linear")
 KEEP_BITS = 16  # the allocation value meaning "leave this unit unquantized"
+HEAD_KIND = "head"  # the kind of the output head's unit
+HEAD_MIN_BITS = 8  # the head's quantized choices are the candidates >= this
 
 
 @dataclass(frozen=True)
@@ -93,15 +101,17 @@ KEEP = Choice(KEEP_BITS, None)
 
 def unit_choices(unit: "Unit", bitwidths, groups, *, keep: bool | None = None) -> list[Choice]:
     """The unit's distinct choices: each quantized bitwidth at each requested group resolved for ``unit.K``
-    (bits ascending, coarse groups first), then :data:`KEEP` when 16 is among ``bitwidths`` (or ``keep``)."""
+    (bits ascending, coarse groups first), then :data:`KEEP` when 16 is among ``bitwidths`` (or ``keep``).
+    The head unit takes only the bitwidths >= :data:`HEAD_MIN_BITS`, and :data:`KEEP` unless ``keep`` is False."""
     out: list[Choice] = []
-    for b in sorted(set(int(x) for x in bitwidths if x != KEEP_BITS)):
+    is_head = unit.kind == HEAD_KIND
+    for b in sorted(set(int(x) for x in bitwidths if x != KEEP_BITS and (not is_head or x >= HEAD_MIN_BITS))):
         for g in groups:
             c = Choice(b, resolve_group_size(unit.K, g)[0])
             if c not in out:
                 out.append(c)
     out.sort(key=Choice.sort_key)
-    if keep if keep is not None else KEEP_BITS in bitwidths:
+    if keep if keep is not None else (KEEP_BITS in bitwidths or is_head):
         out.append(KEEP)
     return out
 
@@ -123,8 +133,9 @@ class Unit:
     K: int  # in_features, shared by all members
 
 
-def build_units(model: nn.Module, mode: str = "fused") -> list[Unit]:
-    """Allocation units of ``model`` in model order (order of each unit's first member)."""
+def build_units(model: nn.Module, mode: str = "fused", *, head: bool = False) -> list[Unit]:
+    """Allocation units of ``model`` in model order (order of each unit's first member); ``head``: the output
+    head last, as one unit of kind ``"head"`` (module docstring)."""
     if mode not in MODES:
         raise SlqError(f"unknown unit mode {mode!r}; choose one of {', '.join(MODES)}")
     linears = arch.decoder_linears(model)
@@ -152,6 +163,10 @@ def build_units(model: nn.Module, mode: str = "fused") -> list[Unit]:
             units.append(_unit(f"{prefix}.{layer}.{kind}", layer, kind, tuple(members), linears))
         else:
             units.append(_unit(members[0], layer, kind, tuple(members), linears))
+    if head:
+        name = arch.head_name(model)
+        units.append(_unit(name, len(arch.decoder_layers(model)), HEAD_KIND, (name,),
+                           {name: arch.head(model).lm_head}))
     return units
 
 

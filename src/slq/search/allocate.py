@@ -53,6 +53,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
 from ..util.errors import SlqError
+from ..util.quiet import quiet_stdout
 
 METHODS = ("ilp", "dp", "auto")
 RTOL = 1e-12  # relative slack for float ties and for the loss bound
@@ -260,7 +261,7 @@ def _milp(r: _Reduced, objective: np.ndarray, row: np.ndarray, rhs: float, time_
     options = {"mip_rel_gap": 0.0, "mip_abs_gap": 0.0}
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_stdout():  # HiGHS printf()s a debug line past its log options
         warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
         res = milp(objective, integrality=np.ones(nvar), bounds=Bounds(0, 1), constraints=constraints,
                    options=options)

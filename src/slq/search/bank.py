@@ -27,6 +27,10 @@ How it is built (``build_bank``):
   ``t(b) = sum_members tr(dW H dW^T) / sum_members tr(W H W^T)``, the quantity the linearity
   estimator scales.
 
+The head unit (kind ``"head"``, numbered ``L`` after the last decoder layer): its Hessian comes from the final
+norm applied to the last reference layer's outputs (:func:`slq.quant.calib.head_hessian`), and it is solved,
+scored and stored like a layer (``layer_{L}.safetensors``) at its choices (8-bit at each group size).
+
 Storage (``workdir``): one safetensors file per decoder layer holding the packed codes, scales
 and zero points of every member at every choice (``{member}.b{bits}.*`` with one group size, as before, so
 existing banks resume; ``{member}.b{label}.*``, e.g. ``b8g64``, with several) (the checkpoint's own packing, so b/8 bytes
@@ -51,8 +55,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..quant.calib import (capture_layer0_inputs, collect_hessians, decoder_layers, eager_attention, layer_linears,
-                           run_layer)
+from ..models.arch import head as model_head
+from ..quant.calib import (capture_layer0_inputs, collect_hessians, decoder_layers, eager_attention, head_hessian,
+                           layer_linears, run_layer)
 from ..quant.config import QuantConfig
 from ..quant.gptq import RowBlockHessians, output_error
 from ..quant.grid import QuantizedWeight, quantize_rtn
@@ -318,16 +323,13 @@ def build_bank(
                 break
             if i in todo and i in by_layer:
                 built = _bank_layer(layer, i, by_layer[i], batches, workdir, config, bitwidths, prefix, groups)
-                meta["layers"][str(i)] = built.stats
-                meta.setdefault("files", {})[str(i)] = _file_record(_layer_file(workdir, i))
-                for k, v in built.timings.items():
-                    parts[k] = parts.get(k, 0.0) + v
-                tmp = meta_path.with_suffix(".json.tmp")
-                tmp.write_text(json.dumps(meta, indent=1))
-                replace_file(tmp, meta_path)
-            if i + 1 < len(layers):
+                _record(meta, meta_path, workdir, i, built, parts)
+            if i + 1 < len(layers) or len(layers) in todo:  # the head unit needs the last layer's outputs
                 batches = run_layer(layer, batches)
             bar.advance(task)
+        if len(layers) in todo and len(layers) in by_layer:  # the head unit
+            built = _bank_head(model, by_layer[len(layers)], batches, workdir, config, bitwidths, groups)
+            _record(meta, meta_path, workdir, len(layers), built, parts)
 
     t, pruned = {}, {}
     for u in units:
@@ -340,6 +342,17 @@ def build_bank(
     return Bank(workdir, units, bitwidths, group_size, symmetric, method, t, original,
                 timings={"bank_s": time.perf_counter() - t0, "layers_built": len(todo), **parts},
                 device=str(config.device), groups=groups, pruned=pruned)
+
+
+def _record(meta: dict, meta_path: Path, workdir: Path, i: int, built: "LayerBank", parts: dict) -> None:
+    """Add layer ``i``'s statistics and file record to ``bank.json`` (rewritten atomically)."""
+    meta["layers"][str(i)] = built.stats
+    meta.setdefault("files", {})[str(i)] = _file_record(_layer_file(workdir, i))
+    for k, v in built.timings.items():
+        parts[k] = parts.get(k, 0.0) + v
+    tmp = meta_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    replace_file(tmp, meta_path)
 
 
 class LayerBank(NamedTuple):
@@ -390,13 +403,35 @@ def _bank_layer(layer: nn.Module, i: int, units: list[Unit], batches: list, work
     """Quantize the units of decoder layer ``i`` at every choice (:func:`slq.quant.solve.solve_layer`; with
     several group sizes the dominated choices are pruned first), write their packed entries to the layer's
     file and return their error statistics."""
-    groups = (config.group_size,) if groups is None else groups
     t_start = time.perf_counter()
     rel = layer_linears(layer)
     members = [m for u in units for m in u.members]
     relname = {m: m[len(f"{prefix}.{i}."):] for m in members}
-    hessians = collect_hessians(layer, batches, [relname[m] for m in members], attention=config.attention)
+    found = collect_hessians(layer, batches, [relname[m] for m in members], attention=config.attention)
     W = layer_weights({m: rel[relname[m]] for m in members})
+    return _bank_entries(i, units, W, {m: found[relname[m]] for m in members}, workdir, config, bitwidths, groups,
+                         t_start)
+
+
+def _bank_head(model: nn.Module, units: list[Unit], batches: list, workdir: Path, config: QuantConfig,
+               bitwidths: tuple[int, ...], groups: tuple | None) -> LayerBank:
+    """The head unit's entries: its Hessian from the final-normed outputs of the last (reference) layer."""
+    t_start = time.perf_counter()
+    (u,) = units
+    (m,) = u.members
+    W = layer_weights({m: model_head(model).lm_head})
+    return _bank_entries(len(decoder_layers(model)), units, W, {m: head_hessian(model, batches)}, workdir, config,
+                         bitwidths, groups, t_start)
+
+
+def _bank_entries(i: int, units: list[Unit], W: dict[str, torch.Tensor], hessians: dict, workdir: Path,
+                  config: QuantConfig, bitwidths: tuple[int, ...], groups: tuple | None, t_start: float) -> LayerBank:
+    """Solve the members' weights ``W`` (fp32) at every choice of their units with their Hessians (member ->
+    Hessian), prune first with several group sizes, write the packed entries to file ``i`` and return the
+    units' error statistics."""
+    groups = (config.group_size,) if groups is None else groups
+    members = [m for u in units for m in u.members]
+    relname = {m: m for m in members}
     choices = {u.name: unit_choices(u, bitwidths, groups, keep=False) for u in units}
     pruned: dict[str, dict[str, dict]] = {u.name: {} for u in units}
     t_prune = 0.0
@@ -408,7 +443,7 @@ def _bank_layer(layer: nn.Module, i: int, units: list[Unit], batches: list, work
     unit_of = {m: u for u in units for m in u.members}
     specs = {m: tuple(QuantSpec(c.bits, c.group, config.symmetric) for c in choices[unit_of[m].name])
              for m in members}
-    solved = solve_layer(W, specs, config, {m: hessians[relname[m]] for m in members})
+    solved = solve_layer(W, specs, config, {m: hessians[m] for m in members})
     t_stats = time.perf_counter()
     # Error statistics and packing run where the layer runs (a GPU for large models); only the packed
     # tensors travel to the host for the file.

@@ -21,7 +21,7 @@ from .estimators import ESTIMATORS
 from .targets import ANCHOR_BITS, TARGETS
 from ..quant.config import QuantConfig
 from ..quant.spec import ALLOWED_GROUP_SIZES
-from ..quant.units import KEEP_BITS
+from ..quant.units import HEAD_MIN_BITS, KEEP_BITS
 from ..util.errors import ConfigError
 
 UNIT_MODES = ("fused", "linear")
@@ -86,8 +86,9 @@ class SearchConfig:
     :param groups: candidate group sizes per unit (16..256, ``None`` per-channel), each resolved per unit K;
         every choice is a (bitwidth, group size) pair. ``None``: ``(quant.group_size,)``, one group size.
         ``quant.group_size`` is the one uniform assemblies, probes and the TL anchor use, so it must be among them.
-    :param head: the lm_head (with a tied embedding) as an allocation unit. Not supported yet: refused (the
-        checkpoint writer cannot store a quantized lm_head).
+    :param head: the lm_head (with a tied embedding, the pair) as one more allocation unit, with the choices
+        8 bits (at each group size) and 16; needs 8 among ``bitwidths`` and the linear or Fisher estimator.
+        Off by default. (``quant.head_bits`` is the uniform pipeline's; the search refuses it.)
     :param units: ``"fused"`` (linears a fused kernel shares get one bitwidth) or ``"linear"``.
     :param estimator: sensitivity estimator, a name in :data:`slq.search.estimators.ESTIMATORS`.
     :param sens_windows: calibration windows the sensitivities are measured on.
@@ -164,9 +165,15 @@ class SearchConfig:
                                            f"anchor: include {ANCHOR_BITS} in {{field}}")
         if not isinstance(self.head, bool):
             raise ConfigError("head", f"{{field}} must be True or False, got {self.head!r}")
-        if self.head:
-            raise ConfigError("head", "{field}: the lm_head as an allocation unit is not supported yet (the checkpoint "
-                                      "writer stores lm_head unquantized)")
+        if self.head and HEAD_MIN_BITS not in quant_bits:
+            raise ConfigError("head", f"{{field}}: the head's quantized choice is {HEAD_MIN_BITS}-bit; include "
+                                      f"{HEAD_MIN_BITS} in the bitwidths")
+        if self.head and self.estimator == "shapley":
+            raise ConfigError("head", "{field}: the Shapley estimator switches every unit to each bitwidth, the head "
+                                      "has only 8 and 16; use the linear or Fisher estimator")
+        if self.quant.head_bits is not None:
+            raise ConfigError("head_bits", "{field} is the uniform quantization's head bitwidth; the search "
+                                           "chooses the head's with head=True")
         if self.units not in UNIT_MODES:
             raise ConfigError("units", f"{{field}} must be one of {', '.join(UNIT_MODES)}, got {self.units!r}")
         if self.estimator not in ESTIMATORS:

@@ -67,8 +67,10 @@ def linear_estimator(prober: Prober, *, probe_bits: tuple[int, ...] = (4,), prog
         task = bar.add_task("sensitivity (linear probes)", total=len(bank.units) * len(probe_bits))
         for u in bank.units:
             xs, ys, zs = [], [], []
-            for b in probe_bits:
-                c = bank.choice(u, b)
+            # probes at the probe bitwidths the unit has; a unit with none of them (the head: 8 only) at its lowest
+            cs = [bank.choice(u, b) for b in probe_bits if bank.choice(u, b) in bank.t[u.name]] or bank.choices(u)[:1]
+            for c in cs:
+                b = c.bits
                 prober.set({u.name: c})
                 k, d = prober.measure()
                 prober.set({u.name: KEEP})

@@ -3,7 +3,9 @@
 The ``Prober`` keeps the reference's per-layer inputs and logits for the *sensitivity windows* (a subset of the
 calibration windows, disjoint from the windows the search verifies on). After a change of some units' weights
 (through the bank) it re-runs the decoder layers only from the first one changed, so probing a unit in layer
-``l`` costs ``L - l`` layers plus the head. KL(p || q) and TV(p, q) = 1 - EAR are taken over the full
+``l`` costs ``L - l`` layers plus the head. The head unit (numbered ``L``) costs the head alone, unless it is
+tied to the embedding: then the embedding changed too, and the layer-0 inputs are caught again and every layer
+re-run. KL(p || q) and TV(p, q) = 1 - EAR are taken over the full
 vocabulary in fp32, summed over positions and divided by the token count.
 
 A :class:`Sensitivity` holds ``kl[unit][choice]`` (a bitwidth at a group size): the predicted mean KL per token when
@@ -24,8 +26,9 @@ from torch import nn
 
 from .bank import Bank
 from ..quant.calib import Batch, capture_layer0_inputs, decoder_layers, run_layer
-from ..quant.units import KEEP, KEEP_BITS, Choice
+from ..quant.units import HEAD_KIND, KEEP, KEEP_BITS, Choice
 from ..models.arch import head as _head  # (final norm, lm_head, softcap)
+from ..models.arch import head_tied
 
 
 # ----------------------------------------------------------------------------------------- probing
@@ -59,6 +62,9 @@ class Prober:
         self.norm, self.head, self.cap = _head(model)
         self.umap = bank.unit_map
         self.state = {u.name: KEEP for u in bank.units}
+        # a head unit tied to the embedding changes the embedding too: the layer-0 inputs are caught again
+        self.tied = {u.name for u in bank.units if u.kind == HEAD_KIND} if head_tied(model) else set()
+        self.windows, self.batch_size = windows, batch_size
         self.n_tokens = int(windows.shape[0] * (windows.shape[1] - 1))
         self.calls = 0
         with torch.no_grad():
@@ -93,6 +99,10 @@ class Prober:
             self.bank.restore(self.model, back)
         self.state.update(changes)
         self.dirty = min([self.dirty] + [self.umap[u].layer for u in changes])
+        if self.tied & set(changes):
+            with torch.no_grad():
+                self.inputs[0] = capture_layer0_inputs(self.model, self.windows[:, :-1], self.batch_size, self.device)
+            self.dirty = 0
 
     @torch.no_grad()
     def measure(self) -> tuple[float, float]:

@@ -9,7 +9,8 @@ A :class:`SearchSession` prepares, once, everything a measurement needs, in name
    after the verification ones), ``generated`` data one sampling pass whose sequence ``i`` depends only on
    ``(seed, i)``, and another ``verify_data`` source (real text) is held out by construction; with it, the
    calibration source's own held-out windows are kept too (``policy_w``), so that DL verifies on both;
-3. build (or resume) the bank: every unit quantized once at every candidate bitwidth;
+3. build (or resume) the bank: every unit quantized once at every candidate bitwidth (with ``head``, the output
+   head is one more unit, at 8 bits or kept at 16; uniform assemblies keep it at 16);
 4. record the reference's logits on the verification windows, and prepare the prober on the sensitivity
    windows (the first ``sens_windows`` calibration windows) with uniform assemblies measured for the
    KL -> EAR map;
@@ -42,7 +43,7 @@ from .targets import TARGETS, check_target
 from ..measure.data import GENERATED, generated_windows, windows_from_source
 from ..measure.fidelity import CachedLogits, compare_windows
 from ..models.sources import cache_dir, check_finite, is_slq_checkpoint
-from ..quant.units import KEEP, KEEP_BITS, Choice, build_units, choice_storage_bits
+from ..quant.units import HEAD_KIND, KEEP, KEEP_BITS, Choice, build_units, choice_storage_bits
 from ..runtime.checkpoint import open_model, save_checkpoint
 from ..util.errors import ConfigError, SlqError
 
@@ -90,7 +91,7 @@ class SearchSession:
         allowed. ``one_group``: only those at the config's own group size (the one-group search)."""
         own = self.bank.choice(unit, min(self.quant_bits)).group
         cs = [c for c in self.bank.choices(unit) if not one_group or c.group == own]
-        return cs + ([KEEP] if self.allow16 else [])
+        return cs + ([KEEP] if self.allow16 or unit.kind == HEAD_KIND else [])  # the head may always stay 16
 
     @property
     def device(self) -> str:
@@ -112,7 +113,7 @@ class SearchSession:
         if is_slq_checkpoint(self.path):
             raise SlqError(f"{self.path} is already a quantized checkpoint; search from the reference model instead")
         check_finite(self.model)
-        self.units = build_units(self.model, self.config.units)
+        self.units = build_units(self.model, self.config.units, head=self.config.head)
         self.n_params = sum(u.n_params for u in self.units)
 
     def _windows(self, source, n: int, *, skip: int = 0, seed: int) -> torch.Tensor:
@@ -164,7 +165,7 @@ class SearchSession:
         key = _cache_key(str(self.path), q.method, q.group_size, q.symmetric, self.quant_bits, c.units, q.calib,
                          q.calib_samples, q.seq_len, q.seed, q.clip, q.attention, BANK_VERSION,
                          *((f"groups{list(c.groups)}",) if c.groups != (q.group_size,) else ()),
-                         *(("act_order",) if q.act_order else ()), *((f"damp{q.damp:g}",) if q.damp != 0.01 else ()))
+                         *(("act_order",) if q.act_order else ()), *(("head",) if c.head else ()), *((f"damp{q.damp:g}",) if q.damp != 0.01 else ()))
         return cache_dir() / "work" / key
 
     def _build_bank(self) -> None:
@@ -219,7 +220,8 @@ class SearchSession:
         self.prober.reset()
         self.sens = sens
         for p in self.uniform_sens:
-            p["predicted_kl"] = math.fsum(sens.kl[u.name][self.bank.choice(u, p["bits"])] for u in self.units)
+            a = self.uniform(p["bits"])
+            p["predicted_kl"] = math.fsum(sens.kl[u.name][a[u.name]] for u in self.units)
         self.emap = EarMap().fit([(p["kl"], p["tv"]) for p in self.uniform_sens]
                                  + [(p["kl"], p["tv"]) for p in sens.probes])
         self.timings["sensitivity_s"] = time.perf_counter() - t + self.timings.get("prober_s", 0.0)
@@ -244,8 +246,13 @@ class SearchSession:
         return choice_storage_bits(unit, self.bank.choice(unit, value), self.bank.symmetric)
 
     def uniform(self, bits: int) -> dict[str, Choice]:
-        """Every unit at ``bits``, at the config's own group size."""
-        return {u.name: self.bank.choice(u, bits) for u in self.units}
+        """Every unit at ``bits``, at the config's own group size; the head unit, which has no such choice below 8
+        bits, stays at 16 (as a uniform quantization keeps it)."""
+        out = {u.name: self.bank.choice(u, bits) for u in self.units}
+        for u in self.units:
+            if u.kind == HEAD_KIND and out[u.name] not in self.bank.t[u.name]:
+                out[u.name] = KEEP
+        return out
 
     def storage_bits(self, alloc: dict) -> int:
         """Total storage bits of the allocatable linears (scales and zeros included; 16-bit units at 16)."""

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .report import fid_summary
 from ..measure.tasks import compare_tasks, load_task, score_task
-from ..quant.units import choice_storage_bits, unit_choices
+from ..quant.units import HEAD_KIND, choice_storage_bits, unit_choices
 from ..util.errors import ConfigError, SlqError
 
 if TYPE_CHECKING:  # annotations only: the session and the config import this module
@@ -53,11 +53,13 @@ def check_target(config: "SearchConfig", units) -> None:
         return
     q = config.quant
     lo_bits = min(config.quant_bits)
-    lo = sum(min(choice_storage_bits(u, c, q.symmetric) for c in unit_choices(u, (lo_bits,), config.groups))
+    head = any(u.kind == HEAD_KIND for u in units)
+    lo = sum(min(choice_storage_bits(u, c, q.symmetric)  # the head unit at its smallest choice (8 bits)
+                 for c in unit_choices(u, config.quant_bits if u.kind == HEAD_KIND else (lo_bits,), config.groups))
              for u in units) / sum(u.n_params for u in units)
     if config.bits < lo:
         raise ConfigError("bits", f"{{field}} {config.bits} is below the smallest reachable {lo:.4f} bits/param "
-                                  f"(all units at {lo_bits} bits)")
+                                  f"(all units at {lo_bits} bits{', the head at 8' if head else ''})")
 
 
 # ----------------------------------------------------------------------------------------- the shared loop
