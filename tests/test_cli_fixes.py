@@ -299,4 +299,5 @@ def test_search_and_fidelity_tables_fit_100_columns():
     finally:
         slq.cli.console = saved
     assert max(len(s) for s in text.splitlines()) <= 100 and "…" not in text, text
-    assert "0.9912 [0.9901, 0.9923]" in text and "undetermined" in text and "acc_norm" in text
+    assert "0.9912 [0.9901, 0.9923]" in text and "undetermined" in text and "hellaswag: acc_norm" in text
+    assert "winogrande " in text and "average " in text

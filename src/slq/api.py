@@ -130,6 +130,8 @@ def _quant_config(config: QuantConfig | None, settings: dict) -> QuantConfig:
     unknown = sorted(set(settings) - {f.name for f in fields(QuantConfig)})
     if unknown:
         raise SlqError(f"unknown quantization setting(s): {', '.join(unknown)}")
+    if settings.get("device") == "auto":
+        settings["device"] = resolve_device("auto")
     return QuantConfig(**settings)
 
 

@@ -68,7 +68,7 @@ def _quiet_transformers() -> None:
         pass
 
 
-def _run(fn, *a, **k):
+def _run(fn, *a, flags: Optional[dict] = None, **k):
     """Call fn; bad input, or a file or disk that fails (OSError, a corrupt safetensors or JSON file),
     becomes one line on stderr and exit code 1; ``SLQ_DEBUG=1`` prints the traceback first. Errors of
     the code itself are not caught here: they surface as tracebacks."""
@@ -76,7 +76,7 @@ def _run(fn, *a, **k):
     try:
         return fn(*a, **k)
     except ConfigError as e:
-        _fail(e.render(FLAGS), e)
+        _fail(e.render({**FLAGS, **(flags or {})}), e)
     except SlqError as e:
         _fail(str(e), e)
     except (OSError, SafetensorError, json.JSONDecodeError) as e:
@@ -324,7 +324,7 @@ def quantize(
             api.card(out, base_model=base_model)
         return rep
 
-    report = _run(go)
+    report = _run(go, flags={"bits": "--budget"} if budget is not None else None)
     if report.get("allocation") is not None:
         print_search(report)
     elif report.get("fidelity"):
@@ -520,15 +520,17 @@ def print_fidelity(d: dict) -> None:
     console.print(t)
     if d.get("tasks"):
         tt = Table(title="zero-shot, paired (candidate - reference)", show_edge=False)
-        for c in ("task", "n", "metric", "ref", "cand", "delta", "95% CI", "p", "verdict"):
-            tt.add_column(c, justify="left" if c in ("task", "metric", "verdict") else "right",
-                          no_wrap=c != "task")
+        for c in ("task", "n", "ref", "cand", "delta", "95% CI", "p", "verdict"):
+            tt.add_column(c, justify="left" if c in ("task", "verdict") else "right", no_wrap=True)
         for name, r in d["tasks"].items():
             verdict = r.get("verdict") or ("lossless" if r["lossless"] else "not lossless")
-            tt.add_row(name, str(r.get("n", "")), str(r.get("metric", "")), f"{r['acc_reference']:.4f}",
+            tt.add_row(name, str(r.get("n", "")), f"{r['acc_reference']:.4f}",
                        f"{r['acc_candidate']:.4f}", f"{r['delta']:+.4f}", f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]",
                        f"{r['p_value']:.3g}", verdict)
         console.print(tt)
+        other = {n: r.get("metric") for n, r in d["tasks"].items() if r.get("metric") not in ("acc", "mean", None)}
+        console.print("accuracy: acc" + "".join(f"; {n}: {m}" for n, m in other.items()) + "; p: exact McNemar",
+                      highlight=False)
         console.print("verdict: lossless / not lossless (interval excludes 0) / undetermined (interval wider "
                       "than the tolerance on both sides of 0, or a change beyond it that is not significant)",
                       highlight=False)

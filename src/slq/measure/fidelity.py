@@ -608,7 +608,8 @@ def on_policy_ear(
     reference: torch.nn.Module, candidate: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int, **kw: Any
 ) -> Fidelity:
     """`compare_windows` on continuations sampled from the reference, scored on the sampled positions
-    only. `temperature, seed, batch_size, device` go to both steps; `progress, n_boot` to the comparison."""
+    only. `temperature, seed, batch_size, device` and `progress` go to both steps; `n_boot` to the comparison."""
     shared = {key: kw.pop(key) for key in ("temperature", "seed", "batch_size", "device") if key in kw}
-    windows, mask = sample_continuations(reference, prompts, max_new_tokens, **shared)
+    windows, mask = sample_continuations(reference, prompts, max_new_tokens, progress=kw.get("progress", False),
+                                         **shared)
     return compare_windows(reference, candidate, windows, mask=mask, **shared, **kw)
