@@ -47,14 +47,16 @@ FLAGS = {
     "bits": "--bits", "method": "--method", "group_size": "--group-size", "symmetric": "--sym", "clip": "--no-clip",
     "attention": "--plain-hessians", "act_order": "--act-order", "damp": "--damp", "calib": "--calib",
     "calib_samples": "--calib-samples", "seq_len": "--seq-len", "seed": "--seed", "device": "--device",
+    "head_bits": "--head-bits", "offload": "--offload",
     # SearchConfig
     "target": "--target", "ear": "--ear", "recovery": "--recovery", "tasks": "--tasks", "task_limit": "--task-limit",
     "bitwidths": "--bitwidths", "units": "--units", "estimator": "--estimator", "sens_windows": "--sens-windows",
     "sens_seq_len": "--sens-seq-len", "verify_windows": "--verify-windows", "confirm_windows": "--confirm-windows",
     "probe_bits": "--probe-bits", "orderings": "--orderings", "max_rounds": "--max-rounds",
-    "baselines": "--baselines", "workdir": "--workdir",
+    "baselines": "--baselines", "workdir": "--workdir", "groups": "--groups", "head": "--head",
+    "verify_data": "--verify-data", "real_text_margin": "--real-text-margin",
     # the entry points' own arguments
-    "force": "--force", "out": "--out",
+    "force": "--force", "out": "--out", "gpus": "--gpus", "k": "--draft-k",
 }
 
 
@@ -117,6 +119,17 @@ def _group(value: str) -> Optional[int]:
     return g
 
 
+def _groups(value: str) -> tuple[Optional[int], ...]:
+    """``--groups``: a comma list of group sizes, ``ch`` (or ``channel``) for per-channel."""
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    if not items:
+        raise SlqError("--groups is empty")
+    try:
+        return tuple(_group(x) for x in items)
+    except SlqError:
+        raise SlqError(f"--groups must be a comma list of 16, 32, 64, 128, 256 or 'ch' (per-channel), got {value!r}")
+
+
 def _int_list(value: str, what: str) -> tuple[int, ...]:
     try:
         out = tuple(int(x) for x in value.split(",") if x.strip())
@@ -148,7 +161,7 @@ P_MODE, P_SEARCH, P_GRID, P_CALIB, P_OUT, P_EVAL, P_RUN = (
 # the search's own options: given in uniform mode they would be ignored, so they are refused
 SEARCH_ONLY = ("ear", "recovery", "tasks", "task_limit", "bitwidths", "units", "estimator", "sens_windows",
                "sens_seq_len", "verify_windows", "confirm_windows", "probe_bits", "orderings", "max_rounds",
-               "baselines", "workdir")
+               "baselines", "workdir", "groups", "head", "verify_data", "real_text_margin")
 UNIFORM_ONLY = ("do_eval", "eval_data", "eval_tokens")
 
 # --fast: cheaper settings for a uniform run (an option given explicitly wins). RTN with the MSE-optimal
@@ -229,6 +242,16 @@ def quantize(
                                             help="uniform bitwidths measured for the report (default 3..8)"),
     workdir: Optional[Path] = typer.Option(None, "--workdir", rich_help_panel=P_SEARCH,
                                            help="bank/sensitivity cache (resumable)"),
+    groups: Optional[str] = typer.Option(None, "--groups", rich_help_panel=P_SEARCH,
+                                         help="candidate group sizes per unit, e.g. 32,64,128 ('ch': per-channel); "
+                                              "must include --group-size (default: --group-size alone)"),
+    head: bool = typer.Option(False, "--head", rich_help_panel=P_SEARCH,
+                              help="the lm_head is one more unit (8-bit or 16-bit)"),
+    verify_data: Optional[str] = typer.Option(None, "--verify-data", rich_help_panel=P_SEARCH,
+                                              help="real text for verification (default: the windows after the "
+                                                   "calibration ones)"),
+    real_text_margin: float = typer.Option(0.0, "--real-text-margin", rich_help_panel=P_SEARCH,
+                                           help="dl without --verify-data: the bound must reach --ear plus this"),
     group_size: str = typer.Option("128", "--group-size", "-g", rich_help_panel=P_GRID,
                                    help="16/32/64/128/256 or 'channel'"),
     sym: bool = typer.Option(False, "--sym", rich_help_panel=P_GRID,
@@ -242,6 +265,9 @@ def quantize(
                                              help="GPTQ: columns by decreasing Hessian diagonal (default on)"),
     damp: float = typer.Option(0.01, "--damp", rich_help_panel=P_GRID,
                                help="GPTQ: damping, a fraction of the Hessian's mean diagonal"),
+    head_bits: Optional[int] = typer.Option(None, "--head-bits", rich_help_panel=P_GRID,
+                                            help="uniform: quantize the lm_head to this bitwidth (8 typical; "
+                                                 "default: kept 16-bit)"),
     calib: Optional[str] = typer.Option(None, "--calib", rich_help_panel=P_CALIB,
                                         help="text file, .jsonl, HF dataset id, or 'generated' (default)"),
     calib_samples: int = typer.Option(128, "--calib-samples", rich_help_panel=P_CALIB,
@@ -261,6 +287,12 @@ def quantize(
     eval_tokens: int = typer.Option(8 * 512, "--eval-tokens", rich_help_panel=P_EVAL),
     device: str = typer.Option("auto", "--device", rich_help_panel=P_RUN, help="auto, cpu, cuda or cuda:N"),
     seed: int = typer.Option(0, "--seed", rich_help_panel=P_RUN),
+    offload: bool = typer.Option(False, "--offload", rich_help_panel=P_RUN,
+                                 help="stream the model one block at a time from its files (GPTQ: needs --calib "
+                                      "text); automatic when it does not fit the device"),
+    gpus: int = typer.Option(1, "--gpus", rich_help_panel=P_RUN,
+                             help="uniform: split each layer's solves over N processes (cuda:0..N-1; gloo ranks "
+                                  "with --device cpu); the checkpoint is the single process's"),
     progress: bool = typer.Option(True, "--progress/--no-progress", rich_help_panel=P_RUN,
                                   help="progress: a bar on a terminal, log lines with ETA elsewhere"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", rich_help_panel=P_RUN),
@@ -285,6 +317,8 @@ def quantize(
             what = "a search option" if not is_search else "an option of uniform runs"
             hint = ("; for a search give a fractional --bits, --budget B or --target" if not is_search else "")
             raise SlqError(f"{_flag(ctx, given[0])} is {what} and would be ignored in {mode}{hint}")
+        if is_search and gpus != 1:
+            raise SlqError("--gpus: the search does not split over ranks yet; give --gpus 1")
         fast_kw = {k: v for k, v in FAST.items() if fast and not _given(ctx, k)}
         m = fast_kw.get("method", method)
         dev = _device(device)
@@ -293,7 +327,8 @@ def quantize(
                          symmetric=sym, method=m, calib=calib,
                          calib_samples=fast_kw.get("calib_samples", calib_samples),
                          seq_len=fast_kw.get("seq_len", seq_len), clip=not no_clip, attention=not plain_hessians,
-                         act_order=act_order, damp=damp, device=dev, seed=seed)
+                         act_order=act_order, damp=damp, device=dev, seed=seed, head_bits=head_bits,
+                         offload=offload)
         sc = None if not is_search else SearchConfig(
             quant=qc, target=target or "bits", ear=ear, recovery=recovery, bits=budget_bits,
             tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, task_limit=task_limit,
@@ -302,7 +337,8 @@ def quantize(
             confirm_windows=confirm_windows,
             probe_bits=None if probe_bits is None else _int_list(probe_bits, "--probe-bits"), orderings=orderings,
             max_rounds=max_rounds, baselines=_int_list(baselines, "--baselines") if baselines else None,
-            workdir=workdir)
+            workdir=workdir, groups=None if groups is None else _groups(groups), head=head,
+            verify_data=verify_data, real_text_margin=real_text_margin)
         if push_to_hub is not None:
             if not card:
                 raise SlqError("--push-to-hub publishes the model card with the checkpoint: drop --no-card")
@@ -316,7 +352,7 @@ def quantize(
         if sc is None:
             rep = api.quantize(_model(model), config=qc, out=out, force=force, progress=progress,
                                trust_remote_code=trust_remote_code, eval=do_eval, eval_data=eval_data,
-                               eval_tokens=eval_tokens)
+                               eval_tokens=eval_tokens, gpus=gpus)
         else:
             rep = search(_model(model), config=sc, out=out, force=force, plots=True, progress=progress,
                          trust_remote_code=trust_remote_code)
@@ -540,6 +576,18 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _draft_k(value: str):
+    if value == "auto":
+        return "auto"
+    try:
+        kk = int(value)
+    except ValueError:
+        kk = 0
+    if kk < 1:
+        raise SlqError(f"--draft-k must be an integer >= 1 or 'auto', got {value!r}")
+    return kk
+
+
 @app.command()
 def generate(source: Optional[str] = typer.Argument(None, help="checkpoint, HF dir, .gguf, hub id or 'default' "
                                                                 "(omitted: the embedded model)"),
@@ -553,14 +601,27 @@ def generate(source: Optional[str] = typer.Argument(None, help="checkpoint, HF d
              device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
              backend: str = typer.Option("auto", "--backend", help="checkpoints: auto, reference, triton, humming"),
              hf: bool = typer.Option(False, "--hf", help="decode with transformers generate, not slq's engine"),
+             draft: Optional[str] = typer.Option(None, "--draft", help="speculative decoding: a draft model or "
+                                                 "checkpoint (same vocabulary) proposes, SOURCE verifies"),
+             k: Optional[str] = typer.Option(None, "--draft-k", "-k", help="with --draft: proposals per round, "
+                                             "or 'auto' (default 8)"),
              trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
-    """Generate from a model or checkpoint: greedy through slq's static-cache engine (Llama family), or sampled."""
+    """Generate from a model or checkpoint: greedy through slq's static-cache engine (Llama family), or sampled;
+    with --draft, speculative decoding (the same tokens as SOURCE alone would give, faster)."""
     from .api import generate as run
 
-    text = _run(lambda: run(_model(source), prompt, max_new_tokens=max_new_tokens, device=_device(device),
-                            trust_remote_code=trust_remote_code, backend=backend, engine=not hf,
-                            note=lambda s: err.print(f"note: {s}", highlight=False), temperature=temperature,
-                            top_p=top_p, seed=seed, chat_template=chat_template))
+    def go():
+        if k is not None and draft is None:
+            raise SlqError("--draft-k is the draft's proposals per round: give --draft too")
+        if draft is not None and hf:
+            raise SlqError("--draft runs slq's decode engine: drop --hf")
+        kk = 8 if k is None else _draft_k(k)
+        return run(_model(source), prompt, max_new_tokens=max_new_tokens, device=_device(device),
+                   trust_remote_code=trust_remote_code, backend=backend, engine=not hf,
+                   note=lambda s: err.print(f"note: {s}", highlight=False, soft_wrap=True),
+                   temperature=temperature, top_p=top_p, seed=seed, chat_template=chat_template, draft=draft, k=kk)
+
+    text = _run(go)
     print(prompt + text)
 
 
