@@ -112,6 +112,20 @@ def test_offload_writes_the_in_memory_checkpoint(stories_dir, rtn4, tmp_path):
     _refused(_slq("quantize", stories_dir, *RTN, "--offload", "--eval", "--out", tmp_path / "e"), "--offload", "eval")
 
 
+def test_offload_with_a_quantized_tied_head_writes_the_in_memory_checkpoint(stories_dir, tmp_path):
+    """A tied embedding streams as the dequantized head (the in-memory run's shared Parameter)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(stories_dir)
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "tied")
+    AutoTokenizer.from_pretrained(stories_dir).save_pretrained(tmp_path / "tied")
+    for flags, out in (([], "mem"), (["--offload"], "st")):
+        _ok(_slq("quantize", tmp_path / "tied", *RTN, "--head-bits", "8", *flags, "--out", tmp_path / out))
+    assert (tmp_path / "st" / "model.safetensors").read_bytes() == (tmp_path / "mem" / "model.safetensors").read_bytes()
+
+
 def test_two_ranks_write_the_single_process_checkpoint(stories_dir, rtn4, tmp_path):
     out = tmp_path / "g2"
     t = time.perf_counter()

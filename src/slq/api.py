@@ -18,6 +18,7 @@ from .measure.evaluate import evaluate as evaluate_models
 from .measure.fidelity import Fidelity
 from .util.errors import ConfigError, SlqError
 from .models.sources import check_finite, is_slq_checkpoint, load_model, resolve_model
+from .models.arch import head_name, head_tied
 from .models.stream import StreamedModel, should_stream
 from .quant.config import QuantConfig
 from .quant.pipeline import build_report, quantize_model
@@ -106,7 +107,12 @@ def _quantize(model, c: QuantConfig, group: Group, *, out, force, progress, trus
     t_calib = time.perf_counter() - t
     res = quantize_model(m, c, windows=windows, progress=progress, group=group)
     if streamed:  # the skeleton takes every weight but the quantized linears' (the checkpoint stores their codes)
-        m = m.load_rest(exclude=set(res.qweights))
+        codes_only = set(res.qweights)
+        h = head_name(m.model)
+        if h in codes_only and head_tied(m.model):
+            codes_only.discard(h)  # a tied embedding is the dequantized head, as in the in-memory run
+            m.overrides[f"{h}.weight"] = res.qweights[h]
+        m = m.load_rest(exclude=codes_only)
     report = build_report(m, path, res.plan, c.spec, **_report_settings(c))
     report["timings"] = {"load_s": t_load, "calibration_data_s": t_calib, **res.timings}
     report["memory"] = res.memory
