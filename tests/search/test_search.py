@@ -56,6 +56,12 @@ def test_bank_entry_is_plain_gptq_of_that_unit(stories, text_windows, tmp_path):
     for u in bank.units:
         for m in u.members:
             assert torch.equal(dict(model.named_modules())[m].weight.detach(), bank.original[m])
+    # every file of the bank has the umask's mode (0644), the layer files included (safetensors writes 0600)
+    import stat
+
+    files = sorted((tmp_path / "bank").iterdir())
+    assert any(f.name.startswith("layer_") for f in files)
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in files), [(f.name, oct(f.stat().st_mode)) for f in files]
 
 
 def _spec(bank, unit, bits):

@@ -67,7 +67,9 @@ def _fsync_tree(root: Path) -> None:
 
 
 def replace_file(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Durably move a finished file ``tmp`` onto ``dest``: fsync it, rename, fsync the directory."""
+    """Durably move a finished file ``tmp`` onto ``dest`` with the umask's mode (0644 usually; safetensors'
+    writer leaves 0600): chmod and fsync it, rename, fsync the directory."""
+    os.chmod(tmp, _mode(True))
     fsync_file(tmp)
     os.replace(tmp, dest)
     fsync_dir(Path(dest).parent)
