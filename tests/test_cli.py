@@ -163,7 +163,6 @@ def test_unknown_architecture(tmp_path):
 def test_nan_weights_rejected(stories_dir, tmp_path):
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     d = tmp_path / "nan"

@@ -22,7 +22,7 @@ from .models.arch import head_name, head_tied
 from .models.stream import StreamedModel, should_stream
 from .quant.config import QuantConfig
 from .quant.pipeline import build_report, quantize_model
-from .quant.spec import Plan, model_bits_per_param
+from .quant.spec import Plan
 from .util.dist import SINGLE, Group, broadcast_dict, free_port
 from .util.dist import init as dist_init
 from .util.dist import shutdown as dist_shutdown

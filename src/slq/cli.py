@@ -56,7 +56,8 @@ FLAGS = {
     "baselines": "--baselines", "workdir": "--workdir", "groups": "--groups", "head": "--head",
     "verify_data": "--verify-data", "real_text_margin": "--real-text-margin",
     # the entry points' own arguments
-    "force": "--force", "out": "--out", "gpus": "--gpus", "k": "--draft-k",
+    "shape": "--shape", "measure": "--measure", "layers": "--layers", "prompt_len": "--prompt-len",
+    "backends": "--backends", "tokens": "--tokens", "force": "--force", "out": "--out", "gpus": "--gpus", "k": "--draft-k",
 }
 
 

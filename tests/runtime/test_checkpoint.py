@@ -1,7 +1,6 @@
 """The checkpoint is read by the real libraries: plain transformers + compressed-tensors."""
 
 import json
-import shutil
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from slq.quant.units import KEEP_BITS, build_units, storage_bits
+from slq.quant.units import KEEP_BITS, build_units
 
 from conftest import TINY_TEXT, need
 

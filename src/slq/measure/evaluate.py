@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 import torch
 
 from .data import GENERATED, windows_from_source
-from ..util.errors import SlqError
+from ..util.errors import ConfigError, SlqError
 from ..util.provenance import git_commit, versions
 from ..models.stream import StreamedModel
 from .fidelity import Fidelity, StreamedLogits, compare_windows, on_policy_ear
@@ -74,7 +74,7 @@ def evaluate(
     ``tasks_backend`` (``"builtin"`` or ``"lm-eval"``, see :func:`slq.measure.tasks.run_tasks`).
     """
     if device == "cuda" and not torch.cuda.is_available():
-        raise SlqError("--device cuda was asked for but CUDA is not available")
+        raise ConfigError("device", "{field} cuda was asked for but CUDA is not available")
     if temperature <= 0:
         raise SlqError(f"temperature must be > 0, got {temperature}")
     if tasks and tasks_backend not in TASK_BACKENDS:
@@ -91,7 +91,7 @@ def evaluate(
                        "model cannot do block by block; give a text source as the data")
     if windows is None:
         if n < 1:
-            raise SlqError(f"--tokens {tokens} is less than one window of --seq-len {seq_len}")
+            raise ConfigError("tokens", f"{{field}} {tokens} is less than one window of seq_len {seq_len}")
         windows = windows_from_source(data, ref, tok, n=n, seq_len=seq_len, skip=skip_windows, seed=seed + 1,
                                       device=device, progress=progress)
     t0 = time.perf_counter()

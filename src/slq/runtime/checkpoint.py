@@ -53,7 +53,7 @@ from safetensors.torch import save_file
 from ..util.jsonio import read_json
 
 from ..util.atomic import atomic_directory
-from ..util.errors import SlqError
+from ..util.errors import ConfigError, SlqError
 from ..util.preflight import check_out_dir
 from ..quant.grid import QuantizedWeight
 from .backends import BACKENDS
@@ -178,7 +178,7 @@ def save_checkpoint(
     head, embed = _head_names(model)
     untie = head in qweights and _tied(model)
     if out.exists() and not force:
-        raise SlqError(f"output directory {out} exists; pass --force to replace it")
+        raise ConfigError("force", f"output directory {out} exists; pass {{field}} to replace it")
     check_out_dir(out, getattr(model, "name_or_path", None) or None, force=force)
     with atomic_directory(out, replace=True) as tmp:
         tensors: dict[str, torch.Tensor] = {}

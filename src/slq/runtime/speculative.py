@@ -48,7 +48,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import nn
 
 from ..util.errors import SlqError
 from .decode import DecodeEngine, _after_eos, _eos_list

@@ -67,7 +67,7 @@ from ..quant.units import KEEP, KEEP_BITS, Choice, Unit, choice_storage_bits, un
 from .allocate import prune_dominated
 from ..runtime.checkpoint import pack_weight, unpack_weight
 from ..util.atomic import replace_file
-from ..util.errors import SlqError
+from ..util.errors import ConfigError, SlqError
 from ..util.jsonio import read_json
 from ..util.progress import progress_bar
 
@@ -296,7 +296,7 @@ def build_bank(
     if meta_path.exists():
         old = read_json(meta_path, "the bank's record")
         if not isinstance(old, dict) or not isinstance(old.get("layers"), dict):
-            raise SlqError(f"{meta_path} is not a bank record; use another --workdir or delete it")
+            raise ConfigError("workdir", f"{meta_path} is not a bank record; use another {{field}} or delete it")
         if old.get("fingerprint") != fp:
             raise SlqError(f"work directory {workdir} holds a bank built with other settings, data or model; "
                            "use another --workdir or delete it")

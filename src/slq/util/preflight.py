@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import SlqError
+from .errors import ConfigError, SlqError
 
 
 def _human(n: float) -> str:
@@ -85,19 +85,19 @@ def check_out_dir(out: str | os.PathLike, model: str | os.PathLike | None, *, fo
     o = Path(out).expanduser().resolve()
     cwd = Path.cwd().resolve()
     if _within(cwd, o):
-        raise SlqError(f"--out {out} is the working directory or contains it; choose a new directory")
+        raise ConfigError("out", f"{{field}} {out} is the working directory or contains it; choose a new directory")
     if model is not None and str(model) != "":
         m = Path(model).expanduser()
         if m.is_file() or (m / "config.json").is_file():  # a model (not yet a bad source: that fails later)
             m = m.resolve()
             md = m if m.is_dir() else m.parent
             if _within(o, md) or _within(md, o):
-                raise SlqError(f"--out {out} is the model directory {md}, contains it or lies inside it: the "
+                raise ConfigError("out", f"{{field}} {out} is the model directory {md}, contains it or lies inside it: the "
                                "reference would be lost; choose another --out")
     if o.exists() and not o.is_dir():
-        raise SlqError(f"--out {out} is a file, not a directory")
+        raise ConfigError("out", f"{{field}} {out} is a file, not a directory")
     if o.exists() and not force:
-        raise SlqError(f"output directory {out} exists; pass --force to replace it")
+        raise ConfigError("force", f"output directory {out} exists; pass {{field}} to replace it")
     _probe(o.parent, "--out", need, shown=o)
 
 

@@ -6,7 +6,7 @@ import importlib.util
 
 import torch
 
-from ...util.errors import SlqError
+from ...util.errors import ConfigError, SlqError
 from .plans import SHAPES, Shape
 
 BACKENDS = ("reference", "triton", "humming")
@@ -32,7 +32,7 @@ def parse_backends(text: str) -> list[str]:
         if b not in BACKENDS:
             raise SlqError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
     if not names:
-        raise SlqError("--backends is empty")
+        raise ConfigError("backends", "{field} is empty")
     return list(dict.fromkeys(names))
 
 
@@ -65,7 +65,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise SlqError(f"--device must be auto, cpu or cuda, got {device!r}")
+        raise ConfigError("device", f"{{field}} must be auto, cpu or cuda, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SlqError("--device cuda was asked for but CUDA is not available")
+        raise ConfigError("device", "{field} cuda was asked for but CUDA is not available")
     return torch.device(device)

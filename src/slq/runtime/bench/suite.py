@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...util.errors import SlqError
+from ...util.errors import ConfigError, SlqError
 from ..checkpoint import load
 from ..qlinear import QuantLinear
 from .measure import Bench
@@ -32,18 +32,18 @@ def run(*, shape: str | None = None, checkpoint: str | None = None, bits: str = 
     """Run ``slq bench`` and return the result dict (also written to ``json_out``)."""
     log = log or (lambda s: None)
     if (shape is None) == (checkpoint is None):
-        raise SlqError("give either --shape NAME or a checkpoint DIR")
+        raise ConfigError("shape", "give either {field} NAME or a checkpoint DIR")
     sh = get_shape(shape) if shape is not None else None
     bits_list = parse_ints(bits, "--bits", 2, 8) if sh is not None else []
     batch_list = parse_ints(batches, "--batch", 1)
     be_list = parse_backends(backends)
     what = {w.strip() for w in measure.split(",") if w.strip()}
     if not what or what - {"layer", "stack", "decode"}:
-        raise SlqError(f"--measure must list layer, stack, decode; got {measure!r}")
+        raise ConfigError("measure", f"{{field}} must list layer, stack, decode; got {measure!r}")
     if layers is not None and layers < 1:
-        raise SlqError(f"--layers must be >= 1, got {layers}")
+        raise ConfigError("layers", f"{{field}} must be >= 1, got {layers}")
     if prompt_len < 1 or new_tokens < 2 or (repeats is not None and repeats < 1):
-        raise SlqError("--prompt-len must be >= 1, --new-tokens >= 2 and --repeats >= 1")
+        raise ConfigError("prompt_len", "{field} must be >= 1, new_tokens >= 2 and repeats >= 1")
     plan_names = [p.strip() for p in (plans or "").split(",") if p.strip()] if sh is not None else []
     for p in plan_names:
         if p not in PLAN_TARGETS and not Path(p).is_file():
