@@ -301,3 +301,13 @@ def test_search_and_fidelity_tables_fit_100_columns():
     assert max(len(s) for s in text.splitlines()) <= 100 and "…" not in text, text
     assert "0.9912 [0.9901, 0.9923]" in text and "undetermined" in text and "hellaswag: acc_norm" in text
     assert "winogrande " in text and "average " in text
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_eval_temperature_must_be_finite_and_positive(stories_dir, ckpt, value):
+    """A non-finite or non-positive --temperature is one error line naming the flag."""
+    r = _slq("eval", stories_dir, ckpt, "--temperature", value, "--tokens", "256", "--seq-len", "128",
+             "--device", "cpu")
+    assert r.exit_code == 1
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--temperature" in lines[0], r.output

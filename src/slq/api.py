@@ -2,30 +2,39 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import queue
 import time
+import traceback
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from .runtime.card import push_to_hub as push_checkpoint
-from .runtime.card import write_card
-from .runtime.checkpoint import load as load_checkpoint
-from .runtime.checkpoint import open_model, read_report, save_checkpoint
-from .runtime.export import export as export_checkpoint
 from .measure.data import GENERATED, windows_from_source
 from .measure.evaluate import evaluate as evaluate_models
 from .measure.fidelity import Fidelity
-from .util.errors import ConfigError, SlqError
-from .models.sources import check_finite, is_slq_checkpoint, load_model, resolve_model
 from .models.arch import head_name, head_tied
+from .models.sources import check_finite, is_slq_checkpoint, load_model, resolve_model
 from .models.stream import StreamedModel, should_stream
 from .quant.config import QuantConfig
 from .quant.pipeline import build_report, quantize_model
 from .quant.spec import Plan
+from .runtime.card import _HUB_ID, _offline, write_card
+from .runtime.card import push_to_hub as push_checkpoint
+from .runtime.checkpoint import load as load_checkpoint
+from .runtime.checkpoint import open_model, read_report, read_specs, save_checkpoint
+from .runtime.checkpoint import verify as verify_tensors
+from .runtime.decode import SUPPORTED, supports
+from .runtime.decode import generate as engine_generate
+from .runtime.export import export as export_checkpoint
+from .runtime.speculative import generate as speculative_generate
 from .util.dist import SINGLE, Group, broadcast_dict, free_port
 from .util.dist import init as dist_init
 from .util.dist import shutdown as dist_shutdown
+from .util.errors import ConfigError, SlqError
+from .util.jsonio import read_json
 
 
 def quantize(
@@ -150,8 +159,6 @@ def _too_big(path: Path, device: str) -> bool:
 def _quantize_ranks(model, config: QuantConfig, world: int, kw: dict) -> dict:
     """:func:`quantize` over ``world`` spawned ranks; returns rank 0's report. A rank's bad-input error is
     raised here as the same error (the other ranks are stopped)."""
-    import multiprocessing as mp
-    import queue
 
     if config.device.startswith("cuda") and torch.cuda.device_count() < world:
         raise ConfigError("gpus", f"{{field}} {world} needs {world} GPUs, found {torch.cuda.device_count()}")
@@ -194,7 +201,6 @@ def _quantize_ranks(model, config: QuantConfig, world: int, kw: dict) -> dict:
 def _rank_main(rank: int, world: int, port: int, threads: int, q, model, config: QuantConfig, kw: dict) -> None:
     """One spawned rank: join the group, quantize, send ``(rank, "ok", report)`` (the report on rank 0 only)
     or the error."""
-    import traceback
 
     torch.set_num_threads(threads)
     try:
@@ -239,7 +245,6 @@ def export(checkpoint: str | Path, out: str | Path, *, to: str = "transformers",
 
 def check_hub_repo(repo: str) -> None:
     """Before any work: ``repo`` is ``owner/name`` and the hub is not switched off (one SlqError line)."""
-    from .runtime.card import _HUB_ID, _offline  # the same rules push_to_hub applies, checked early
 
     if not _HUB_ID.match(repo or ""):
         raise SlqError(f"hub repo must be 'owner/name', got {repo!r}")
@@ -308,8 +313,6 @@ def info(path: str | Path, *, verify: bool = True, trust_remote_code: bool = Fal
     """The report and plan of a checkpoint, checked against its config; with ``verify`` (the default)
     its tensors are checked too (keys, dtypes, shapes, finite scales; nothing is dequantized, see
     :func:`slq.runtime.checkpoint.verify`)."""
-    from .runtime.checkpoint import read_specs, verify as verify_tensors
-    from .util.jsonio import read_json
 
     p = Path(path)
     if not (p / "config.json").is_file():
@@ -352,10 +355,7 @@ def generate(source: str | None, prompt: str, *, max_new_tokens: int = 32, devic
     exactly. Both must be families the decode engine runs and share one vocabulary. ``note`` is then told
     the acceptance rate, tokens per target forward, tokens/s and the draft/verify time split.
     """
-    import warnings
 
-    from .runtime.decode import SUPPORTED, supports
-    from .runtime.decode import generate as engine_generate
 
     if not prompt:
         raise SlqError("the prompt is empty")
@@ -374,7 +374,6 @@ def generate(source: str | None, prompt: str, *, max_new_tokens: int = 32, devic
     ids = prompt_ids(tok, prompt, chat_template=chat_template).to(device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if draft is not None:
-        from .runtime.speculative import generate as speculative_generate
 
         d, dtok = _open_for_decode(draft, device, backend, trust_remote_code)
         for role, model in (("model", m), ("draft", d)):

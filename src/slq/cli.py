@@ -16,10 +16,20 @@ from rich.table import Table
 from safetensors import SafetensorError
 
 from . import api
+from .measure.evaluate import ear_verdict, few_sequences_warning, provenance
 from .quant.config import QuantConfig
+from .runtime.bench import run as run_bench
 from .search import SearchConfig, search
 from .util.errors import ConfigError, SlqError
-from .util.preflight import bank_bytes, check_out_dir, check_writable_dir, check_writable_file, checkpoint_bytes
+from .util.jsonio import write_json
+from .util.preflight import (
+    bank_bytes,
+    check_out_dir,
+    check_writable_dir,
+    check_writable_file,
+    checkpoint_bytes,
+)
+from .util.provenance import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Statistically-lossless quantization of Hugging Face causal LLMs.")
@@ -29,8 +39,6 @@ err = Console(stderr=True)
 
 def _version(value: bool) -> None:
     if value:
-        from .util.provenance import __version__
-
         print(f"slq {__version__}")
         raise typer.Exit()
 
@@ -57,7 +65,7 @@ FLAGS = {
     "verify_data": "--verify-data", "real_text_margin": "--real-text-margin",
     # the entry points' own arguments
     "shape": "--shape", "measure": "--measure", "layers": "--layers", "prompt_len": "--prompt-len",
-    "backends": "--backends", "tokens": "--tokens", "force": "--force", "out": "--out", "gpus": "--gpus", "k": "--draft-k",
+    "backends": "--backends", "tokens": "--tokens", "temperature": "--temperature", "force": "--force", "out": "--out", "gpus": "--gpus", "k": "--draft-k",
 }
 
 
@@ -417,7 +425,7 @@ def info(path: Path = typer.Argument(..., help="an slq checkpoint directory"),
          no_verify: bool = typer.Option(False, "--no-verify",
                                         help="skip the tensor checks (keys, dtypes, shapes, finite scales)")):
     """Show a checkpoint's plan: layer, bits, group, sym, gamma; and bits per parameter (after checking its tensors)."""
-    from .api import info as run
+    run = api.info
 
     report = _run(run, path, verify=not no_verify)
     if as_json:
@@ -497,8 +505,7 @@ def eval_(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ):
     """Measure how lossless CANDIDATE is against REFERENCE: EAR, KL, top-1, PPL, tasks."""
-    from .api import evaluate
-    from .measure.evaluate import ear_verdict, few_sequences_warning, provenance
+    evaluate = api.evaluate
 
     def go():
         if not 0 < ear < 1:
@@ -522,8 +529,6 @@ def eval_(
     console.print(f"verdict: {verdict.upper()} against EAR >= {ear:g} (95% interval [{lo:.5f}, {hi:.5f}]"
                   + (", more tokens needed)" if verdict == "undetermined" else ")"), highlight=False)
     if json_out is not None:
-        from .util.jsonio import write_json
-
         d["verdict"] = {"ear_target": ear, "ear": verdict, "warning": warning}
         d["provenance"] = provenance(_model(reference), _model(candidate), data=data, seq_len=seq_len,
                                      tokens=tokens, n_sequences=d["n_sequences"], n_tokens=d["n_tokens"],
@@ -609,7 +614,7 @@ def generate(source: Optional[str] = typer.Argument(None, help="checkpoint, HF d
              trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
     """Generate from a model or checkpoint: greedy through slq's static-cache engine (Llama family), or sampled;
     with --draft, speculative decoding (the same tokens as SOURCE alone would give, faster)."""
-    from .api import generate as run
+    run = api.generate
 
     def go():
         if k is not None and draft is None:
@@ -647,7 +652,7 @@ def bench(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
 ):
     """Decode speed: per-layer GEMV/GEMM, the linear stack, end-to-end tokens/s, beside FP16 and the roofline."""
-    from .runtime.bench import run
+    run = run_bench
 
     if json_out is not None:
         _run(check_writable_file, json_out, "--json")

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..util.errors import SlqError
+from .fidelity import sample_continuations
 
 GENERATED = "generated"
 
@@ -122,7 +123,6 @@ def generated_windows(
     """n sequences of seq_len tokens sampled from the model at temperature 1 (no top-k/p),
     each starting from the BOS token (EOS if there is none). Sequence i depends only on
     (seed, i), not on the batch size."""
-    from .fidelity import sample_continuations
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:

@@ -16,17 +16,18 @@ git commit and the UTC time.
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime, timezone
 
 import torch
 
-from .data import GENERATED, windows_from_source
+from ..models.stream import StreamedModel
 from ..util.errors import ConfigError, SlqError
 from ..util.provenance import git_commit, versions
-from ..models.stream import StreamedModel
+from .data import GENERATED, windows_from_source
 from .fidelity import Fidelity, StreamedLogits, compare_windows, on_policy_ear
-from .tasks import TASK_BACKENDS, require_lm_eval
+from .tasks import TASK_BACKENDS, require_lm_eval, run_tasks
 
 MIN_SEQUENCES = 16  # fewer sequences than this: the bootstrap interval is shown with a warning
 
@@ -75,8 +76,8 @@ def evaluate(
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "{field} cuda was asked for but CUDA is not available")
-    if temperature <= 0:
-        raise SlqError(f"temperature must be > 0, got {temperature}")
+    if not (temperature > 0 and math.isfinite(temperature)):  # nan fails both comparisons
+        raise ConfigError("temperature", f"{{field}} must be a finite number > 0, got {temperature}")
     if tasks and tasks_backend not in TASK_BACKENDS:
         raise SlqError(f"unknown tasks backend {tasks_backend!r}; choose one of {', '.join(TASK_BACKENDS)}")
     if tasks and tasks_backend == "lm-eval":
@@ -113,7 +114,6 @@ def evaluate(
         fid.on_policy = on_policy_ear(ref, cand, prompts, ON_POLICY_NEW, temperature=temperature, seed=seed,
                                       batch_size=batch_size, device=device, progress=progress)
     if tasks:
-        from .tasks import run_tasks
 
         fid.tasks = run_tasks(ref, cand, tok, tasks, limit=limit, data_dir=task_dir, device=device,
                               progress=progress, seed=seed, backend=tasks_backend)
