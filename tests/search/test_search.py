@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,6 +269,11 @@ def test_budget_is_respected_exactly_and_fused_units_share_bits(stories_dir, tmp
         assert len(qkv) == 1 and len(gu) == 1, (layer, qkv, gu)
     assert (out / "slq_report.md").is_file() and (out / "allocation.png").stat().st_size > 1000
     assert (out / "frontier.png").stat().st_size > 1000
+    # the report's bank block is the bank's size on disk, recounted from its layer files
+    bank_dir = Path(rep["bank"]["workdir"]) / "bank"
+    assert rep["bank"]["total_bytes"] == sum(f.stat().st_size for f in bank_dir.glob("layer_*.safetensors"))
+    assert 0 < rep["bank"]["estimate_bytes"]["sure"] <= rep["bank"]["total_bytes"]
+    assert not any("bytes" in k for k in rep["timings"])
     # a rerun on the same work directory reads the bank and sensitivities back and gives the same result
     again, _ = _search(stories_dir, tmp_path, target="bits", bits=5.25, out=None)
     assert again["allocation"] == rep["allocation"]

@@ -38,15 +38,41 @@ per weight), plus ``bank.json`` with the settings fingerprint and the error stat
 layer file is written to a temporary name, fsync'ed and renamed, and ``bank.json`` (with each layer
 file's size and sha256) is rewritten the same way after each layer: an interrupted build resumes at
 the first layer whose file is missing or does not match its record, and the same inputs give
-bit-identical files. A work directory built with other settings is refused, not mixed.
+bit-identical files. A work directory built with other settings is refused, not mixed. ``bank.json`` also
+keeps ``total_bytes``, the sum of the layer files' sizes (each in ``files``). Pruned choices are never
+written. :func:`bank_size` gives the size before the build from the units alone: the bytes of the choices
+pruning never removes (a lower bound, what the session refuses to start without) and of every choice before
+pruning (the upper bound); equal with one group size.
+
+Streaming and ranks. ``model`` may be a :class:`~slq.models.stream.StreamedModel`: layer 0's inputs are caught
+with only the embeddings read, then each block is materialized for its turn (Hessians, solves, forward) and
+released after, the skipped (resumed) layers too, since the forward still runs through them; the head unit
+reads the final norm and ``lm_head`` for its turn. The reference weights (``Bank.original``) are read from the
+files when asked for, and the fingerprint reads the parameters one module at a time, as the in-memory loader
+reads them, so a streamed build writes the very bytes of the in-memory build (``bank.json`` included) and
+either resumes the other's directory.
+
+The ranks (:class:`slq.util.dist.Group`) split the bank *by layer*: the bank is non-sequential, so layer l's
+entries depend only on its own weights and on its inputs from the reference layers before it, which every
+rank computes alike by running the same forward over every window. Each layer built in this run belongs to one
+rank (:func:`slq.util.dist.split`, longest first by cost ``sum n_params * K``); that rank collects the layer's
+Hessians, solves it, writes its file into the shared work directory and hashes it; the layer's statistics and
+file record are then gathered to every rank (one small object collective per layer), and rank 0 rewrites
+``bank.json``. A layer is computed by one process from the same inputs as in a single process, and nothing
+is summed across ranks, so the files are byte-identical to one process; only statistics travel, never the
+packed tensors. (Splitting by solve group within a layer would keep the bytes too, but the codes would then
+travel to one writer, and pruning judges a whole unit's choices together.) Every rank takes the same list of
+layers to build from the same files, so a bank interrupted under N ranks (or one) resumes under any number.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -56,6 +82,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..models.arch import head as model_head
+from ..models.stream import StreamedModel, batches_bytes, free_device_bytes, offload_batches
 from ..quant.calib import (capture_layer0_inputs, collect_hessians, decoder_layers, eager_attention, head_hessian,
                            layer_linears, run_layer)
 from ..quant.config import QuantConfig
@@ -67,6 +94,7 @@ from ..quant.units import KEEP, KEEP_BITS, Choice, Unit, choice_storage_bits, un
 from .allocate import prune_dominated
 from ..runtime.checkpoint import pack_weight, unpack_weight
 from ..util.atomic import replace_file
+from ..util.dist import SINGLE, Group, all_gather_dict, split
 from ..util.errors import ConfigError, SlqError
 from ..util.jsonio import read_json
 from ..util.progress import progress_bar
@@ -100,17 +128,58 @@ def _layer_file(workdir: Path, i: int) -> Path:
     return workdir / f"layer_{i:04d}.safetensors"
 
 
-def fingerprint(model: nn.Module, windows: torch.Tensor | None, settings: dict) -> str:
+def _parameters(model: nn.Module | StreamedModel) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every parameter in ``named_parameters`` order (tied ones once). A streamed model's are
+    read one module at a time from its files, as the in-memory loader reads them, so the two give the same
+    tensors; a module already materialized is read as it is and left so."""
+    if not isinstance(model, StreamedModel):
+        for name, p in model.named_parameters():
+            yield name, p.detach()
+        return
+    by_module: dict[str, list[str]] = {}
+    for name, _ in model.model.named_parameters():
+        mod, _, leaf = name.rpartition(".")
+        by_module.setdefault(mod, []).append(leaf)
+    for mod_name, leaves in by_module.items():
+        mod = model.model.get_submodule(mod_name)
+        on_meta = any(getattr(mod, leaf).device.type == "meta" for leaf in leaves)
+        with model.onloaded(mod) if on_meta else contextlib.nullcontext():
+            for leaf in leaves:
+                yield f"{mod_name}.{leaf}", getattr(mod, leaf).detach()
+
+
+class _FileWeights(Mapping):
+    """Member -> fp32 reference weight on the CPU, read from a streamed model's files when asked for (the
+    bank's ``original`` for a model that is never whole in memory; nothing is cached)."""
+
+    def __init__(self, stream: StreamedModel, members: list[str]):
+        self.stream, self.members, self._known = stream, list(members), set(members)
+
+    def __getitem__(self, member: str) -> torch.Tensor:
+        if member not in self._known:
+            raise KeyError(member)
+        mod = self.stream.model.get_submodule(member)
+        with self.stream.onloaded(mod) if mod.weight.device.type == "meta" else contextlib.nullcontext():
+            return mod.weight.detach().float().cpu().clone()
+
+    def __iter__(self):
+        return iter(self.members)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+
+def fingerprint(model: nn.Module | StreamedModel, windows: torch.Tensor | None, settings: dict) -> str:
     """sha256 of what the bank depends on: the settings, the calibration tokens and every parameter's
     name, dtype, shape and bytes. Any change to any weight (one bit, or two rows swapped) changes it;
-    the bytes are exact, so it is the same for any device or thread count. The tensors are hashed
+    the bytes are exact, so it is the same for any device or thread count, and for a model streamed from its
+    files (read one module at a time) and the same model loaded whole. The tensors are hashed
     from CPU copies of ``_HASH_CHUNK`` bytes at a time (no second copy of the model; sha256 runs at
     about 1-2 GB/s, so seconds for an 8B model)."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     if windows is not None:
         h.update(windows.to(torch.int64).cpu().numpy().tobytes())
-    for name, p in model.named_parameters():
-        x = p.detach()
+    for name, x in _parameters(model):
         h.update(f"{name}|{x.dtype}|{tuple(x.shape)}|".encode())
         flat = x.reshape(-1)
         step = max(1, _HASH_CHUNK // max(1, x.element_size()))
@@ -136,12 +205,18 @@ class Bank:
     symmetric: bool
     method: str
     t: dict[str, dict[Choice, float]]
-    original: dict[str, torch.Tensor]  # member -> fp32 weight of the reference
+    original: Mapping[str, torch.Tensor]  # member -> fp32 weight of the reference (read from the files when streamed)
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"  # where entries are unpacked and dequantized (the model's device)
     groups: tuple = ()
     pruned: dict[str, dict[str, dict]] = field(default_factory=dict)
+    layer_bytes: dict[int, int] = field(default_factory=dict)  # layer (the head: L) -> bytes of its file
     _tensors: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the bank's layer files on disk (what ``bank.json`` records as ``total_bytes``)."""
+        return sum(self.layer_bytes.values())
 
     def __post_init__(self) -> None:
         if not self.groups:
@@ -253,9 +328,27 @@ def _settings(units, bitwidths, group_size, symmetric, method, clip, damp, atten
             "method": method, "clip": clip, "damp": damp, "attention_hessians": attention}
 
 
+def bank_size(units: list[Unit], bitwidths: tuple[int, ...], groups: tuple | None, group_size: int | None,
+              symmetric: bool) -> tuple[int, int]:
+    """(``sure``, ``most``): bytes of the packed entries the bank will write, before it is built. ``sure``
+    counts the choices pruning never removes (every bitwidth at the config's own group size, resolved per unit
+    K), ``most`` every requested choice before pruning; with one group size they are equal and exact. Each
+    entry is :func:`~slq.quant.units.choice_storage_bits` (codes, scales and zero points as the checkpoint
+    packs them); the safetensors headers and ``bank.json`` (kilobytes) come on top."""
+    groups = (group_size,) if groups is None else tuple(dict.fromkeys(groups))
+    sure = most = 0
+    for u in units:
+        own = resolve_group_size(u.K, group_size)[0]
+        for c in unit_choices(u, tuple(sorted(set(bitwidths))), groups, keep=False):
+            n = choice_storage_bits(u, c, symmetric) // 8
+            most += n
+            sure += n if c.group == own else 0
+    return sure, most
+
+
 @torch.no_grad()
 def build_bank(
-    model: nn.Module,
+    model: nn.Module | StreamedModel,
     units: list[Unit],
     windows: torch.Tensor | None,
     workdir: str | os.PathLike,
@@ -264,6 +357,7 @@ def build_bank(
     bitwidths: tuple[int, ...],
     groups: tuple | None = None,
     progress: bool = True,
+    group: Group = SINGLE,
 ) -> Bank:
     """Quantize every unit at every choice (resuming from ``workdir`` when it holds a partial bank).
 
@@ -274,6 +368,11 @@ def build_bank(
     choices are pruned before GPTQ (module docstring). With
     ``config.attention`` key and value projections get attention-aware Hessians (one per key/value head,
     :mod:`slq.quant.calib`), for GPTQ and for the error statistics.
+
+    ``model`` may be a :class:`~slq.models.stream.StreamedModel`: each block is then read onto
+    ``config.device`` for its turn (its Hessians, solves and forward) and released after, and ``original``
+    reads the reference weights from the files when asked. ``group`` splits the layers over ranks
+    (module docstring, "Streaming and ranks"); ``workdir`` must be one directory every rank sees.
     """
     bitwidths = tuple(sorted(set(int(b) for b in bitwidths)))
     group_size, symmetric, method, attention = config.group_size, config.symmetric, config.method, config.attention
@@ -283,6 +382,11 @@ def build_bank(
             QuantSpec(b, g, symmetric)  # validates
     if windows is None or len(windows) == 0:
         raise SlqError("the bank needs calibration windows (Hessians for GPTQ and the error statistics)")
+    stream = model if isinstance(model, StreamedModel) else None
+    if stream is not None and stream.device != config.device:
+        raise SlqError(f"the streamed model reads its blocks onto {stream.device}, the config asks for "
+                       f"{config.device}")
+    skeleton = stream.model if stream is not None else model
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     settings = _settings(units, bitwidths, group_size, symmetric, method, config.clip, config.damp, attention)
@@ -302,34 +406,57 @@ def build_bank(
                            "use another --workdir or delete it")
         meta = old
 
-    layers = decoder_layers(model)
+    layers = decoder_layers(skeleton)
     by_layer: dict[int, list[Unit]] = {}
     for u in units:
         by_layer.setdefault(u.layer, []).append(u)
-    prefix = next(n for n, m in model.named_modules() if m is layers)
-    original = {m: dict(model.named_modules())[m].weight.detach().float().cpu().clone()
-                for u in units for m in u.members}
+    prefix = next(n for n, m in skeleton.named_modules() if m is layers)
+    members = [m for u in units for m in u.members]
+    if stream is not None:
+        original: Mapping[str, torch.Tensor] = _FileWeights(stream, members)
+    else:
+        mods = dict(model.named_modules())
+        original = {m: mods[m].weight.detach().float().cpu().clone() for m in members}
 
     t0 = time.perf_counter()
     # a layer is resumed only if its file is complete (size and sha256 as recorded), else it is rebuilt
     todo = [i for i in sorted(by_layer) if str(i) not in meta["layers"] or not _layer_complete(workdir, i, meta)]
+    mine = set(split(todo, group.rank, group.world, cost=lambda i: sum(u.n_params * u.K for u in by_layer[i])))
     parts: dict[str, float] = {}
-    with eager_attention(model, attention and bool(todo)), progress_bar(progress) as bar:
-        batches = capture_layer0_inputs(model, windows, config.batch_size, config.device) if todo else []
+    onloaded = stream.onloaded if stream is not None else lambda *_: contextlib.nullcontext()
+    run_on = None  # where a layer runs when the activations sit in host memory (streamed, on CUDA)
+    with eager_attention(skeleton, attention and bool(todo)), progress_bar(progress and group.writes) as bar:
+        batches = []
+        if todo:
+            if stream is not None:
+                batches = stream.layer0_inputs(windows, config.batch_size)
+                if str(config.device).startswith("cuda") and 3 * batches_bytes(batches) > free_device_bytes(
+                        config.device):
+                    batches, run_on = offload_batches(batches), config.device
+            else:
+                batches = capture_layer0_inputs(model, windows, config.batch_size, config.device)
         task = bar.add_task(f"bank ({method.upper()}, {len(bitwidths)} bitwidths)", total=len(layers))
         for i, layer in enumerate(layers):
             if not todo or i > max(todo):
                 bar.advance(task, len(layers) - i)
                 break
-            if i in todo and i in by_layer:
-                built = _bank_layer(layer, i, by_layer[i], batches, workdir, config, bitwidths, prefix, groups)
-                _record(meta, meta_path, workdir, i, built, parts)
-            if i + 1 < len(layers) or len(layers) in todo:  # the head unit needs the last layer's outputs
-                batches = run_layer(layer, batches)
+            with onloaded(layer):  # resumed and other ranks' layers too: the forward needs them
+                if i in todo:
+                    built = (_bank_layer(layer, i, by_layer[i], batches, workdir, config, bitwidths, prefix, groups,
+                                         run_on) if i in mine else None)
+                    _record(group, meta, meta_path, workdir, i, built, parts)
+                if i + 1 < len(layers) or len(layers) in todo:  # the head unit needs the last layer's outputs
+                    batches = run_layer(layer, batches, run_on)
             bar.advance(task)
-        if len(layers) in todo and len(layers) in by_layer:  # the head unit
-            built = _bank_head(model, by_layer[len(layers)], batches, workdir, config, bitwidths, groups)
-            _record(meta, meta_path, workdir, len(layers), built, parts)
+        if len(layers) in todo:  # the head unit
+            built = None
+            if len(layers) in mine:
+                h = model_head(skeleton)
+                with onloaded(h.norm, h.lm_head):
+                    built = _bank_head(skeleton, by_layer[len(layers)], batches, workdir, config, bitwidths, groups,
+                                       run_on)
+            _record(group, meta, meta_path, workdir, len(layers), built, parts)
+    group.barrier()  # bank.json and every layer file are written before any rank reads them
 
     t, pruned = {}, {}
     for u in units:
@@ -339,20 +466,28 @@ def build_bank(
         t[u.name][KEEP] = 0.0
         if rec.get("pruned"):
             pruned[u.name] = rec["pruned"]
+    layer_bytes = {int(i): rec["size"] for i, rec in meta.get("files", {}).items() if int(i) in by_layer}
     return Bank(workdir, units, bitwidths, group_size, symmetric, method, t, original,
                 timings={"bank_s": time.perf_counter() - t0, "layers_built": len(todo), **parts},
-                device=str(config.device), groups=groups, pruned=pruned)
+                device=str(config.device), groups=groups, pruned=pruned, layer_bytes=dict(sorted(layer_bytes.items())))
 
 
-def _record(meta: dict, meta_path: Path, workdir: Path, i: int, built: "LayerBank", parts: dict) -> None:
-    """Add layer ``i``'s statistics and file record to ``bank.json`` (rewritten atomically)."""
-    meta["layers"][str(i)] = built.stats
-    meta.setdefault("files", {})[str(i)] = _file_record(_layer_file(workdir, i))
-    for k, v in built.timings.items():
-        parts[k] = parts.get(k, 0.0) + v
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    replace_file(tmp, meta_path)
+def _record(group: Group, meta: dict, meta_path: Path, workdir: Path, i: int, built: "LayerBank | None",
+            parts: dict) -> None:
+    """Add layer ``i``'s statistics and file record to ``bank.json`` (rewritten atomically by rank 0). Every
+    rank calls it for every layer built in this run; the rank that built the layer (``built``) hashes its
+    file, and the record reaches every rank, so each holds the whole ``bank.json``."""
+    mine = {} if built is None else {str(i): (built.stats, _file_record(_layer_file(workdir, i)), built.timings)}
+    for key, (stats, rec, timings) in all_gather_dict(group, mine).items():
+        meta["layers"][key] = stats
+        meta.setdefault("files", {})[key] = rec
+        for k, v in timings.items():
+            parts[k] = parts.get(k, 0.0) + v
+    meta["total_bytes"] = sum(r["size"] for r in meta["files"].values())
+    if group.writes:
+        tmp = meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        replace_file(tmp, meta_path)
 
 
 class LayerBank(NamedTuple):
@@ -399,28 +534,30 @@ def _prune(units: list[Unit], choices: dict[str, list[Choice]], scores: dict[str
 
 
 def _bank_layer(layer: nn.Module, i: int, units: list[Unit], batches: list, workdir: Path, config: QuantConfig,
-                bitwidths: tuple[int, ...], prefix: str, groups: tuple | None = None) -> LayerBank:
+                bitwidths: tuple[int, ...], prefix: str, groups: tuple | None = None, run_on=None) -> LayerBank:
     """Quantize the units of decoder layer ``i`` at every choice (:func:`slq.quant.solve.solve_layer`; with
     several group sizes the dominated choices are pruned first), write their packed entries to the layer's
-    file and return their error statistics."""
+    file and return their error statistics. ``run_on``: where the layer runs when ``batches`` sit in host
+    memory."""
     t_start = time.perf_counter()
     rel = layer_linears(layer)
     members = [m for u in units for m in u.members]
     relname = {m: m[len(f"{prefix}.{i}."):] for m in members}
-    found = collect_hessians(layer, batches, [relname[m] for m in members], attention=config.attention)
+    found = collect_hessians(layer, batches, [relname[m] for m in members], attention=config.attention,
+                             device=run_on)
     W = layer_weights({m: rel[relname[m]] for m in members})
     return _bank_entries(i, units, W, {m: found[relname[m]] for m in members}, workdir, config, bitwidths, groups,
                          t_start)
 
 
 def _bank_head(model: nn.Module, units: list[Unit], batches: list, workdir: Path, config: QuantConfig,
-               bitwidths: tuple[int, ...], groups: tuple | None) -> LayerBank:
+               bitwidths: tuple[int, ...], groups: tuple | None, run_on=None) -> LayerBank:
     """The head unit's entries: its Hessian from the final-normed outputs of the last (reference) layer."""
     t_start = time.perf_counter()
     (u,) = units
     (m,) = u.members
     W = layer_weights({m: model_head(model).lm_head})
-    return _bank_entries(len(decoder_layers(model)), units, W, {m: head_hessian(model, batches)}, workdir, config,
+    return _bank_entries(len(decoder_layers(model)), units, W, {m: head_hessian(model, batches, run_on)}, workdir, config,
                          bitwidths, groups, t_start)
 
 

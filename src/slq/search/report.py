@@ -130,6 +130,10 @@ def build_search_report(session: "SearchSession", result: dict, baselines: list[
         "frontier": frontier,
         "units": [{"name": u.name, "layer": u.layer, "kind": u.kind, "members": list(u.members),
                    "n_params": u.n_params, "K": u.K} for u in session.units],
+        "bank": {"total_bytes": session.bank.total_bytes,
+                 "layer_bytes_max": max(session.bank.layer_bytes.values(), default=0),
+                 "estimate_bytes": {"sure": session.bank_estimate[0], "most": session.bank_estimate[1]},
+                 "workdir": str(session.workdir)},
         "timings": _timings(session, result),
     })
     return report

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .allocate import allocate
-from .bank import BANK_VERSION, build_bank
+from .bank import BANK_VERSION, bank_size, build_bank
 from .config import SearchConfig
 from .estimators import ESTIMATORS, EstimatorInputs
 from .prober import EarMap, Prober, Sensitivity
@@ -45,7 +45,9 @@ from ..measure.fidelity import CachedLogits, compare_windows
 from ..models.sources import cache_dir, check_finite, is_slq_checkpoint
 from ..quant.units import HEAD_KIND, KEEP, KEEP_BITS, Choice, build_units, choice_storage_bits
 from ..runtime.checkpoint import open_model, save_checkpoint
+from ..util.dist import SINGLE, Group
 from ..util.errors import ConfigError, SlqError
+from ..util.preflight import check_bank_space
 
 
 def _cache_key(*parts) -> str:
@@ -57,14 +59,16 @@ class SearchSession:
     reference's logits on the verification windows."""
 
     def __init__(self, model=None, config: SearchConfig | None = None, *, progress: bool = True,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, group: Group = SINGLE):
         self.config = config if config is not None else SearchConfig()
         self.progress, self.t_start, self.timings = progress, time.perf_counter(), {}
+        self.group = group  # the bank's layers split over its ranks; the other steps run whole on each rank
         self.confirm_note = self.ref_confirm = self.ref_tasks = None
         self.policy_w = self.policy_note = self.ref_policy = None  # held-out calibration-source windows (verify_data)
         torch.manual_seed(self.seed)
         self._open(model, trust_remote_code)
         check_target(self.config, self.units)  # a budget it cannot reach fails before the (long) bank
+        self._check_disk()  # so does a disk that cannot hold the bank
         self._timed("data_s", self._sample_windows)
         self._build_bank()
         self._timed("reference_s", self._record_reference)
@@ -168,11 +172,20 @@ class SearchSession:
                          *(("act_order",) if q.act_order else ()), *(("head",) if c.head else ()), *((f"damp{q.damp:g}",) if q.damp != 0.01 else ()))
         return cache_dir() / "work" / key
 
-    def _build_bank(self) -> None:
+    def _check_disk(self) -> None:
+        """The work directory, and a refusal (one ConfigError naming it) when its filesystem cannot hold the
+        bytes the bank certainly writes (:func:`slq.search.bank.bank_size`: every bitwidth at the config's own
+        group size; the choices at other group sizes may be pruned)."""
         q = self.config.quant
         self.workdir = Path(self.config.workdir) if self.config.workdir is not None else self._default_workdir()
+        self.bank_estimate = bank_size(self.units, self.quant_bits, self.config.groups, q.group_size, q.symmetric)
+        check_bank_space(self.workdir / "bank", *self.bank_estimate)
+
+    def _build_bank(self) -> None:
+        q = self.config.quant
         self.bank = build_bank(self.model, self.units, self.calib_w, self.workdir / "bank", q,
-                               bitwidths=self.quant_bits, groups=self.config.groups, progress=self.progress)
+                               bitwidths=self.quant_bits, groups=self.config.groups, progress=self.progress,
+                               group=self.group)
         self.timings["bank_s"] = self.bank.timings["bank_s"]
         for k in ("hessian_gptq_s", "stats_pack_s", "save_s"):  # where the bank's time went (layers built now)
             if k in self.bank.timings:
@@ -213,9 +226,10 @@ class SearchSession:
         else:
             inputs = EstimatorInputs(self.model, self.bank, self.prober, self.sens_w, self.device, self.progress)
             sens = ESTIMATORS[name](inputs, self.config)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(sens.to_dict()))
-            tmp.replace(path)
+            if self.group.writes:  # every rank computes the same sensitivities; rank 0 keeps them
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(sens.to_dict()))
+                tmp.replace(path)
         self.bank.restore(self.model)
         self.prober.reset()
         self.sens = sens
@@ -349,19 +363,20 @@ class SearchSession:
 
 def search(model: str | None = None, *, config: SearchConfig | None = None, out: str | Path | None = None,
            force: bool = False, plots: bool = True, progress: bool = True, trust_remote_code: bool = False,
-           **settings) -> dict:
+           group: Group = SINGLE, **settings) -> dict:
     """Run the search and (with ``out``) write the mixed-bitwidth checkpoint and its reports.
 
     ``config`` holds the settings; keyword ``settings`` (any field of :class:`SearchConfig`, and of
     :class:`~slq.quant.config.QuantConfig` except ``bits``, flat) change them, so ``search(m, target="bits",
     bits=4.5, group_size=64)`` is ``search(m, config=SearchConfig(target="bits", bits=4.5,
     quant=QuantConfig(group_size=64, calib_samples=32)))``. Returns the report (also ``slq_report.json`` in
-    ``out``).
+    ``out``). ``group``: the bank's layers split over its ranks (every rank returns the report; rank 0 writes).
     """
     config = SearchConfig.from_settings(config, **settings)
     if out is not None and Path(out).exists() and not force:
         raise ConfigError("force", f"output directory {out} exists; set {{field}} to replace it")
-    s = SearchSession(model, config, progress=progress, trust_remote_code=trust_remote_code)
+    s = SearchSession(model, config, progress=progress and group.writes, trust_remote_code=trust_remote_code,
+                      group=group)
     result = s.run()
     t = time.perf_counter()
     base = s.baselines(config.baselines if config.baselines is not None else tuple(x for x in s.quant_bits if x >= 3))
@@ -369,6 +384,7 @@ def search(model: str | None = None, *, config: SearchConfig | None = None, out:
     report = s.report(result, base, s.frontier() if config.frontier else [])
     if config.frontier and len(set(config.groups)) > 1:  # the one-group search beside the new choice set
         report["frontier_one_group"] = s.frontier(one_group=True)
-    if out is not None:
+    if out is not None and group.writes:
         s.save(report, out, force=force, plots=plots)
+    group.barrier()
     return report

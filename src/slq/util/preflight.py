@@ -126,11 +126,35 @@ def checkpoint_bytes(model_dir, bits: float) -> int:
     return int(size / bpp * min(bits, 8 * bpp) / 8)
 
 
+def _held_bytes(workdir) -> int:
+    """Bytes of the files ``workdir`` already holds (a partial bank being resumed counts as written)."""
+    if workdir is None or not Path(workdir).is_dir():
+        return 0
+    return sum(f.stat().st_size for f in Path(workdir).rglob("*") if f.is_file())
+
+
 def bank_bytes(model_dir, bitwidths, workdir=None) -> int:
-    """A lower estimate of what a bank still has to write: every parameter once at each quantized
-    bitwidth, less what ``workdir`` already holds (a resumed bank)."""
+    """A lower estimate of what a bank still has to write, from the weight files alone (before the model is
+    read): every parameter once at each quantized bitwidth at one group size, less what ``workdir`` already
+    holds (a resumed bank). With several group sizes it still counts one: the choices at the config's own
+    group size are the ones pruning never removes, so this stays a lower bound whatever pruning keeps. The
+    exact figure, scales and zero points included, is checked by :func:`check_bank_space` once the units
+    are known."""
     size, bpp = weight_bytes(model_dir)
-    have = 0
-    if workdir is not None and Path(workdir).is_dir():
-        have = sum(f.stat().st_size for f in Path(workdir).rglob("*") if f.is_file())
-    return max(0, int(size / bpp * sum(b for b in bitwidths if b < 16) / 8) - have)
+    return max(0, int(size / bpp * sum(b for b in bitwidths if b < 16) / 8) - _held_bytes(workdir))
+
+
+def check_bank_space(workdir: str | os.PathLike, sure: int, most: int | None = None) -> None:
+    """Refuse, with one :class:`ConfigError` naming ``workdir``, a bank whose filesystem cannot hold the
+    ``sure`` bytes it will certainly write (less what the directory already holds); ``most`` (every choice
+    before pruning) is named in the message when it is larger."""
+    p = Path(workdir).expanduser().absolute()
+    a = _existing_ancestor(p)
+    if not a.is_dir():
+        raise ConfigError("workdir", f"{{field}} {p} cannot be created: {a} is a file")
+    need = max(0, int(sure) - _held_bytes(p))
+    free = shutil.disk_usage(a).free
+    if need > free:
+        upto = f", up to {_human(most)} before pruning" if most is not None and most > sure else ""
+        raise ConfigError("workdir", f"{{field}} {p}: the bank needs at least {_human(need)} more{upto}, only "
+                          f"{_human(free)} free on its filesystem; free space or choose another {{field}}")
