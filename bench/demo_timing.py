@@ -3,7 +3,7 @@
 Runs `make demo` as a user would on a fresh machine: the virtual environment already installed (so
 `make install` is a no-op), and an empty slq cache (``SLQ_CACHE`` points at a new temporary directory),
 so the one-time conversion of the embedded model to fp32 and the whole bank are counted. Writes
-bench/results/demo_timing.json with the wall time and the report's own stage timings.
+the next bench/results/demo_timing/run-NN.json with the wall time and the report's own stage timings.
 
     python bench/demo_timing.py
 """
@@ -25,6 +25,9 @@ sys.path.insert(0, str(REPO / "src"))
 def main():
     from slq.util.provenance import git_commit, versions
     from slq.util.jsonio import write_json
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from _results import next_run
 
     import tempfile
 
@@ -58,7 +61,9 @@ def main():
         "rounds": len(report["rounds"]),
         "stdout_tail": proc.stdout[-3000:],
     }
-    write_json(REPO / "bench/results/demo_timing.json", result)
+    out = next_run("demo_timing")
+    write_json(out, result)
+    print(f"wrote {out.relative_to(REPO)}")
     print(json.dumps({k: result[k] for k in ("wall_s", "goal_met", "bits_per_param", "measured_ear", "report_timings")},
                      indent=1))
 

@@ -160,3 +160,30 @@ def test_draft_with_another_vocabulary_is_refused(stories_dir, tmp_path):
     AutoTokenizer.from_pretrained(stories_dir).save_pretrained(tmp_path / "d")
     _refused(_slq("generate", stories_dir, "-p", "Hi", "-n", "4", "--device", "cpu", "--draft", tmp_path / "d"),
              "vocabulary")
+
+
+def test_runtime_vllm_search_uses_only_what_vllm_loads(stories_dir, tmp_path):
+    """--runtime vllm: asymmetric candidates shrink to 4/8/16 bits, so every quantized layer of the result is
+    4- or 8-bit; the report names the runtimes the result is ready for, and vLLM's own rules (an independent
+    re-check from the written checkpoint) agree with it."""
+    from slq.runtime.export import check_vllm
+
+    base = [stories_dir, "--calib", need(TINY_TEXT), "--calib-samples", "8", "--seq-len", "128",
+            "--sens-windows", "4", "--verify-windows", "8", "--group-size", "32", "--baselines", "8",
+            "--workdir", tmp_path / "w", "--no-progress"]
+    _ok(_slq("quantize", *base, "--bits", "6.5", "--runtime", "vllm", "--out", tmp_path / "o"))
+    rep = json.loads((tmp_path / "o" / "slq_report.json").read_text())
+    assert rep["settings"]["runtime"] == "vllm" and set(rep["settings"]["bitwidths"]) <= {4, 8, 16}
+    bits = {lp["spec"]["bits"] for lp in rep["plan"].values()}
+    assert bits and bits <= {4, 8}, bits
+    check = check_vllm(tmp_path / "o")
+    assert rep["runtime"]["vllm"]["loads"] == check.loads
+    assert ("vllm" in rep["runtime"]["ready_for"]) == check.loads
+    # K = 172 / N = 172 of stories260K do not pack at 4 bits, so a 4-bit layer there is named, not hidden
+    if not check.loads:
+        assert all("4-bit" in why or "8-bit" in why for why in check.problems.values()), check.problems
+    # nothing vLLM loads among the candidates: one line naming the flag
+    _refused(_slq("quantize", *base, "--bits", "6.5", "--runtime", "vllm", "--bitwidths", "5,6,16",
+                  "--out", tmp_path / "bad"), "--bitwidths", "vLLM")
+    _refused(_slq("quantize", *base, "--bits", "6.5", "--runtime", "sglang", "--out", tmp_path / "bad"), "--runtime")
+    assert not (tmp_path / "bad").exists()

@@ -62,7 +62,7 @@ FLAGS = {
     "sens_seq_len": "--sens-seq-len", "verify_windows": "--verify-windows", "confirm_windows": "--confirm-windows",
     "probe_bits": "--probe-bits", "orderings": "--orderings", "max_rounds": "--max-rounds",
     "baselines": "--baselines", "workdir": "--workdir", "groups": "--groups", "head": "--head",
-    "verify_data": "--verify-data", "real_text_margin": "--real-text-margin",
+    "verify_data": "--verify-data", "real_text_margin": "--real-text-margin", "runtime": "--runtime",
     # the entry points' own arguments
     "shape": "--shape", "measure": "--measure", "layers": "--layers", "prompt_len": "--prompt-len",
     "backends": "--backends", "tokens": "--tokens", "temperature": "--temperature", "force": "--force", "out": "--out", "gpus": "--gpus", "k": "--draft-k",
@@ -170,7 +170,7 @@ P_MODE, P_SEARCH, P_GRID, P_CALIB, P_OUT, P_EVAL, P_RUN = (
 # the search's own options: given in uniform mode they would be ignored, so they are refused
 SEARCH_ONLY = ("ear", "recovery", "tasks", "task_limit", "bitwidths", "units", "estimator", "sens_windows",
                "sens_seq_len", "verify_windows", "confirm_windows", "probe_bits", "orderings", "max_rounds",
-               "baselines", "workdir", "groups", "head", "verify_data", "real_text_margin")
+               "baselines", "workdir", "groups", "head", "verify_data", "real_text_margin", "runtime")
 UNIFORM_ONLY = ("do_eval", "eval_data", "eval_tokens")
 
 # --fast: cheaper settings for a uniform run (an option given explicitly wins). RTN with the MSE-optimal
@@ -261,6 +261,8 @@ def quantize(
                                                    "calibration ones)"),
     real_text_margin: float = typer.Option(0.0, "--real-text-margin", rich_help_panel=P_SEARCH,
                                            help="dl without --verify-data: the bound must reach --ear plus this"),
+    runtime: Optional[str] = typer.Option(None, "--runtime", rich_help_panel=P_SEARCH,
+                                          help="vllm: only the choices vLLM loads today (the report says if ready)"),
     group_size: str = typer.Option("128", "--group-size", "-g", rich_help_panel=P_GRID,
                                    help="16/32/64/128/256 or 'channel'"),
     sym: bool = typer.Option(False, "--sym", rich_help_panel=P_GRID,
@@ -347,7 +349,7 @@ def quantize(
             probe_bits=None if probe_bits is None else _int_list(probe_bits, "--probe-bits"), orderings=orderings,
             max_rounds=max_rounds, baselines=_int_list(baselines, "--baselines") if baselines else None,
             workdir=workdir, groups=None if groups is None else _groups(groups), head=head,
-            verify_data=verify_data, real_text_margin=real_text_margin)
+            verify_data=verify_data, real_text_margin=real_text_margin, runtime=runtime)
         if push_to_hub is not None:
             if not card:
                 raise SlqError("--push-to-hub publishes the model card with the checkpoint: drop --no-card")

@@ -22,8 +22,10 @@ from .targets import ANCHOR_BITS, TARGETS
 from ..quant.config import QuantConfig
 from ..quant.spec import ALLOWED_GROUP_SIZES
 from ..quant.units import HEAD_MIN_BITS, KEEP_BITS
+from ..runtime.export import VLLM_ASYMMETRIC_BITS, VLLM_MARLIN_GROUPS, VLLM_SYMMETRIC_BITS
 from ..util.errors import ConfigError
 
+RUNTIMES = ("vllm",)
 UNIT_MODES = ("fused", "linear")
 DEFAULT_BITWIDTHS = (2, 3, 4, 5, 6, 7, 8, 16)
 QUANT_FIELDS = frozenset(f.name for f in fields(QuantConfig)) - {"bits"}  # flat settings that go into .quant
@@ -105,6 +107,9 @@ class SearchConfig:
     :param baselines: uniform bitwidths measured for the report (``None``: the candidates >= 3).
     :param frontier: compute the predicted frontier for the report.
     :param workdir: bank and sensitivity cache (``None``: under the slq cache, keyed by the settings).
+    :param runtime: ``"vllm"``: only choices that runtime loads today (asymmetric 4 and 8 bits, or symmetric
+        2..8, and 16; group sizes 32, 64, 128 or per-channel; fused units); the report says whether the result
+        is ready for it. ``None``: every choice (transformers loads them all).
     """
 
     quant: QuantConfig = field(default_factory=lambda: QuantConfig(calib_samples=SEARCH_CALIB_SAMPLES))
@@ -135,6 +140,7 @@ class SearchConfig:
     baselines: tuple[int, ...] | None = None
     frontier: bool = True
     workdir: str | Path | None = None
+    runtime: str | None = None
     _derived: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -159,6 +165,8 @@ class SearchConfig:
         quant_bits = tuple(b for b in bw if b != KEEP_BITS)
         if not quant_bits or any(not 2 <= b <= 8 for b in quant_bits):
             raise ConfigError("bitwidths", f"{{field}} must be values in 2..8 (and 16 for 'keep'), got {list(bw)}")
+        if self.runtime is not None:
+            bw, quant_bits = self._runtime_bitwidths(bw)
         object.__setattr__(self, "bitwidths", bw)
         if self.target == "tl" and ANCHOR_BITS not in quant_bits:
             raise ConfigError("bitwidths", f"the task-lossless target calibrates at a uniform {ANCHOR_BITS}-bit "
@@ -192,6 +200,8 @@ class SearchConfig:
             raise ConfigError("sens_seq_len", f"{{field}} must be in 2..{self.quant.seq_len}, got {self.sens_seq_len}")
         derived = {name for name in ("probe_bits", "confirm_windows", "groups") if getattr(self, name) is None}
         object.__setattr__(self, "groups", _groups(self.groups, self.quant.group_size))
+        if self.runtime is not None:
+            self._runtime_groups()
         object.__setattr__(self, "_derived", frozenset(derived))
         cw = self.verify_windows if self.confirm_windows is None else self.confirm_windows
         if not _is_int(cw) or cw < 0:
@@ -212,6 +222,28 @@ class SearchConfig:
             object.__setattr__(self, "tasks", tuple(self.tasks))
         if self.task_limit is not None and (not _is_int(self.task_limit) or self.task_limit < 1):
             raise ConfigError("task_limit", f"{{field}} must be an integer >= 1, got {self.task_limit!r}")
+
+    def _runtime_bitwidths(self, bw: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The candidate bitwidths the runtime loads (see ``runtime``)."""
+        if self.runtime not in RUNTIMES:
+            raise ConfigError("runtime", f"unknown {{field}} {self.runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        allowed = set(VLLM_SYMMETRIC_BITS if self.quant.symmetric else VLLM_ASYMMETRIC_BITS) | {KEEP_BITS}
+        kept = tuple(b for b in bw if b in allowed)
+        quant_bits = tuple(b for b in kept if b != KEEP_BITS)
+        if not quant_bits:
+            grid = "symmetric" if self.quant.symmetric else "asymmetric"
+            raise ConfigError("bitwidths", f"none of {{field}} {list(bw)} loads in vLLM as {grid} weights (it loads "
+                                           f"{sorted(allowed - {KEEP_BITS})})")
+        if self.units != "fused":
+            raise ConfigError("units", "vLLM fuses q/k/v and gate/up into one layer each, so they must share a scheme:"
+                                       " {field} must be 'fused' with runtime vllm")
+        return kept, quant_bits
+
+    def _runtime_groups(self) -> None:
+        if self.quant.group_size not in VLLM_MARLIN_GROUPS:
+            raise ConfigError("group_size", f"{{field}} {self.quant.group_size} is not one vLLM's kernels take "
+                                            "(32, 64, 128 or per-channel)")
+        object.__setattr__(self, "groups", tuple(g for g in self.groups if g in VLLM_MARLIN_GROUPS))
 
     @property
     def quant_bits(self) -> tuple[int, ...]:

@@ -22,11 +22,14 @@ import io
 import time
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from ..measure.data import GENERATED
 from ..quant.grid import gamma_stats
 from ..quant.pipeline import build_report, other_params
 from ..quant.spec import LayerPlan, Plan, QuantSpec, resolve_group_size
 from ..quant.units import Choice
+from ..runtime.export import vllm_check
 
 if TYPE_CHECKING:  # annotations only: the session imports this module
     from .session import SearchSession
@@ -70,7 +73,7 @@ def _settings(session: "SearchSession", target: str) -> dict:
             "sens_seq_len": int(session.sens_w.shape[1]), "verify_windows": c.verify_windows,
             "confirm_windows": c.confirm_windows,
             "verify_data": c.verify_data or "calibration source, windows after the calibration ones",
-            "real_text_margin": c.real_text_margin,
+            "real_text_margin": c.real_text_margin, "runtime": c.runtime,
             "probe_bits": list(c.probe_bits), "orderings": c.orderings, "fisher_draws": c.fisher_draws,
             "attention_hessians": c.quant.attention, "act_order": c.quant.act_order, "damp": c.quant.damp,
             "workdir": str(session.workdir)}
@@ -130,6 +133,7 @@ def build_search_report(session: "SearchSession", result: dict, baselines: list[
         "frontier": frontier,
         "units": [{"name": u.name, "layer": u.layer, "kind": u.kind, "members": list(u.members),
                    "n_params": u.n_params, "K": u.K} for u in session.units],
+        "runtime": _runtime(session, plan),
         "bank": {"total_bytes": session.bank.total_bytes,
                  "layer_bytes_max": max(session.bank.layer_bytes.values(), default=0),
                  "estimate_bytes": {"sure": session.bank_estimate[0], "most": session.bank_estimate[1]},
@@ -137,6 +141,16 @@ def build_search_report(session: "SearchSession", result: dict, baselines: list[
         "timings": _timings(session, result),
     })
     return report
+
+
+def _runtime(session: "SearchSession", plan: Plan) -> dict:
+    """Which runtimes load the result: transformers always; vLLM per its rules (:func:`slq.runtime.export.vllm_check`).
+    With ``config.runtime`` the candidates were restricted to what that runtime loads, so ``ready`` should hold;
+    a False names the layers (e.g. a K that the packed shape cannot take)."""
+    shapes = {n: tuple(m.weight.shape) for n, m in session.model.named_modules() if isinstance(m, nn.Linear)}
+    check = vllm_check({lp.name: lp.spec for lp in plan}, shapes)
+    return {"asked": session.config.runtime, "ready_for": ["transformers"] + (["vllm"] if check.loads else []),
+            "vllm": check.to_dict()}
 
 
 def _choice_histogram(session: "SearchSession", alloc: dict) -> dict[str, float]:
