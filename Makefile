@@ -25,8 +25,8 @@ install: $(STAMP)
 # 16 x 192 held-out sampled tokens and a second sample of 16 more (EAR 95% lower bound >= 0.99), a uniform
 # 8-bit baseline for the report. Wall time: bench/results/demo_timing/ (python bench/demo_timing.py).
 demo: install
-	$(BIN)/slq quantize --target dl --ear 0.99 --group-size 64 --bitwidths 6,7,8,16 --groups 128,64,32 --estimator fisher \
-		--calib-samples 16 --seq-len 192 --sens-windows 8 --sens-seq-len 128 --verify-windows 16 \
+	$(BIN)/slq quantize --target dl --ear 0.99 --group-size 64 --bitwidths 5,6,7,8,16 --groups 128,64,32 --estimator linear --probe-bits 8 \
+		--calib-samples 32 --seq-len 192 --sens-windows 8 --sens-seq-len 128 --verify-windows 16 \
 		--baselines 8 --out out/demo --force
 	$(BIN)/slq info out/demo
 
