@@ -19,14 +19,14 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# Offline on CPU: the SLQ DL search on the embedded SmolLM2-135M-Instruct (GPTQ asym; per unit, bits 6/7/8/16
-# and group sizes 128/64/32, base 64):
-# calibration on 16 x 192 tokens it samples itself, Fisher sensitivities on 8 x 128 of them, verification on
-# 16 x 192 held-out sampled tokens and a second sample of 16 more (EAR 95% lower bound >= 0.99), a uniform
-# 8-bit baseline for the report. Wall time: bench/results/demo_timing/ (python bench/demo_timing.py).
+# Offline on CPU: the SLQ DL search on the embedded SmolLM2-135M-Instruct (GPTQ asym; per unit, bits 5..8 or 16
+# and group sizes 128/64/32 around 64): calibration on 32 x 192 tokens it samples itself, linear sensitivities
+# from 8-bit probes on 4 x 128 of them, verification on 16 x 192 held-out sampled tokens and a second sample of
+# 16 more (EAR 95% lower bound >= 0.99), a uniform 8-bit baseline for the report.
+# Wall time: bench/results/demo_timing/ (python bench/demo_timing.py).
 demo: install
 	$(BIN)/slq quantize --target dl --ear 0.99 --group-size 64 --bitwidths 5,6,7,8,16 --groups 128,64,32 --estimator linear --probe-bits 8 \
-		--calib-samples 32 --seq-len 192 --sens-windows 8 --sens-seq-len 128 --verify-windows 16 \
+		--calib-samples 32 --seq-len 192 --sens-windows 4 --sens-seq-len 128 --verify-windows 16 \
 		--baselines 8 --out out/demo --force
 	$(BIN)/slq info out/demo
 
