@@ -117,8 +117,9 @@ def test_failed_write_leaves_nothing_behind(stories, tmp_path, monkeypatch):
 def test_existing_output_needs_force(small_ckpt, stories):
     model, tok = stories
     res = quantize_model(model, QuantSpec(8, 32), method="rtn", progress=False)
-    with pytest.raises(SlqError, match="--force"):
+    with pytest.raises(SlqError, match="exists; pass force") as e:  # the library names the field; the CLI, --force
         save_checkpoint(small_ckpt, model, tok, res.qweights, {})
+    assert e.value.field == "force" and e.value.render({"force": "--force"}).endswith("pass --force to replace it")
     save_checkpoint(small_ckpt, model, tok, res.qweights, {"plan": res.plan.to_dict()}, force=True)
     assert load(small_ckpt).get_submodule("model.layers.0.mlp.up_proj").bits == 8
     assert [p.name for p in small_ckpt.parent.iterdir()] == ["ck"]
