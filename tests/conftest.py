@@ -59,3 +59,33 @@ def tiny_windows(stories_dir):
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+def hf_greedy(model, ids, n, **kw):
+    """transformers' own greedy ``generate``: the oracle of slq's decode paths."""
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, **kw)
+
+
+def equal_length_ids(tok, prompts):
+    """The prompts' token ids cut to the shortest one's length (a batch without padding)."""
+    ids = [tok(p, return_tensors="pt").input_ids[0] for p in prompts]
+    n = min(len(i) for i in ids)
+    return torch.stack([i[:n] for i in ids])
+
+
+def live_block_peak(sm, run) -> int:
+    """Max, over every decoder block's start, of the bytes of a StreamedModel's non-meta parameters during run()."""
+    peak = [0]
+
+    def hook(*_):
+        peak[0] = max(peak[0], sum(p.numel() * p.element_size() for p in sm.model.parameters()
+                                   if p.device.type != "meta"))
+
+    hs = [layer.register_forward_pre_hook(hook) for layer in sm.layers]
+    try:
+        run()
+    finally:
+        for h in hs:
+            h.remove()
+    return peak[0]

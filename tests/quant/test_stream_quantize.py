@@ -15,6 +15,7 @@ from slq.models.sources import load_model
 from slq.models.stream import StreamedModel
 from slq.quant.config import QuantConfig
 from slq.quant.pipeline import build_report, quantize_model
+from conftest import live_block_peak
 
 
 def _tiny_llama(path, layers: int, hidden: int = 64, seed: int = 0):
@@ -73,21 +74,6 @@ def _load_plain(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def _live_peak(sm: StreamedModel, run) -> int:
-    """Max over every decoder block's start of the bytes of the model's non-meta parameters."""
-    peak = [0]
-
-    def hook(*_):
-        live = sum(p.numel() * p.element_size() for p in sm.model.parameters() if p.device.type != "meta")
-        peak[0] = max(peak[0], live)
-
-    hs = [layer.register_forward_pre_hook(hook) for layer in sm.layers]
-    try:
-        run()
-    finally:
-        for h in hs:
-            h.remove()
-    return peak[0]
 
 
 def test_streamed_peak_memory_is_flat_in_depth(tmp_path):
@@ -98,7 +84,7 @@ def test_streamed_peak_memory_is_flat_in_depth(tmp_path):
         path = _tiny_llama(tmp_path / f"d{depth}", layers=depth)
         sm = StreamedModel(path)
         res = {}
-        peaks[depth] = _live_peak(sm, lambda: res.update(r=quantize_model(sm, config, windows=windows,
+        peaks[depth] = live_block_peak(sm, lambda: res.update(r=quantize_model(sm, config, windows=windows,
                                                                           progress=False)))
         reported[depth] = res["r"].timings["peak_memory_bytes"]
         whole[depth] = sum(p.numel() * p.element_size() for p in sm.model.parameters())

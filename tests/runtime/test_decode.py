@@ -5,19 +5,11 @@ import torch
 
 from slq.runtime.decode import DecodeEngine, generate, supports
 from slq.util.errors import SlqError
+from conftest import equal_length_ids, hf_greedy
 
 PROMPTS = ["Once upon a time", "The little dog", "Lily went to the park", "Tom had a red ball"]
 
 
-def _hf(model, ids, n, **kw):
-    with torch.inference_mode():
-        return model.generate(ids, max_new_tokens=n, do_sample=False, **kw)
-
-
-def _equal_len(tok, prompts):
-    ids = [tok(p, return_tensors="pt").input_ids[0] for p in prompts]
-    n = min(len(i) for i in ids)
-    return torch.stack([i[:n] for i in ids])
 
 
 @pytest.mark.parametrize("prompt", PROMPTS[:3])
@@ -25,7 +17,7 @@ def _equal_len(tok, prompts):
 def test_greedy_tokens_equal_hf_generate(stories, prompt, engine_kw):
     model, tok = stories
     ids = tok(prompt, return_tensors="pt").input_ids
-    ref = _hf(model, ids, 32)
+    ref = hf_greedy(model, ids, 32)
     out = generate(model, ids, 32, **engine_kw)
     assert out.shape == ref.shape == (1, ids.shape[1] + 32)
     assert torch.equal(out, ref), (tok.decode(out[0]), tok.decode(ref[0]))
@@ -35,7 +27,7 @@ def test_windowed_step_logits_equal_a_full_forward(stories):
     """The step with a padded, masked KV window (the CUDA-graph shape) gives the logits of a plain
     full-sequence forward at the same position, across several window lengths."""
     model, tok = stories
-    ids = _equal_len(tok, PROMPTS[:2])
+    ids = equal_length_ids(tok, PROMPTS[:2])
     eng = DecodeEngine(model, kv_block=8)
     out = eng.generate(ids, 30, eos_token_id=None)
     assert eng.S == 40 and out.shape == (2, ids.shape[1] + 30)
@@ -49,9 +41,9 @@ def test_batch_equals_hf_and_each_row_alone_with_eos_stopping(stories):
     """Rows stop at different steps: later tokens are padding and the batch ends when all rows are
     done, exactly like transformers; each row equals its own batch-1 run."""
     model, tok = stories
-    ids = _equal_len(tok, PROMPTS)
+    ids = equal_length_ids(tok, PROMPTS)
     dot = tok.convert_tokens_to_ids(".")
-    ref = _hf(model, ids, 40, eos_token_id=dot, pad_token_id=0)
+    ref = hf_greedy(model, ids, 40, eos_token_id=dot, pad_token_id=0)
     out = generate(model, ids, 40, eos_token_id=dot, pad_token_id=0)
     assert torch.equal(out, ref)
     new = out[:, ids.shape[1]:]
@@ -73,8 +65,8 @@ def test_slq_checkpoint_with_quantlinear_equals_hf_generate(stories, tmp_path):
     res = quantize_model(model, QuantSpec(4, 32), method="rtn", progress=False)  # model now holds fake-quant weights
     q = load(save_checkpoint(tmp_path / "ck", model, tok, res.qweights, {"plan": res.plan.to_dict()}))
     assert isinstance(q.model.layers[0].self_attn.q_proj, QuantLinear)
-    ids = _equal_len(tok, PROMPTS[:2])
-    ref = _hf(q, ids, 32)
+    ids = equal_length_ids(tok, PROMPTS[:2])
+    ref = hf_greedy(q, ids, 32)
     assert torch.equal(generate(q, ids, 32), ref)
     assert torch.equal(generate(q, ids, 32, fuse=True, kv_block=16), ref)  # fused QuantLinear q/k/v, gate/up
     assert torch.equal(generate(model, ids, 32), ref)  # the fake-quant nn.Linear model decodes the same
@@ -108,7 +100,7 @@ def test_llama_family_architectures_equal_hf_generate(family, extra):
     m = _tiny(family, **extra)
     assert supports(m)
     ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
-    ref = _hf(m, ids, 24, eos_token_id=None, pad_token_id=0)
+    ref = hf_greedy(m, ids, 24, eos_token_id=None, pad_token_id=0)
     assert torch.equal(generate(m, ids, 24, eos_token_id=None), ref)
     assert torch.equal(generate(m, ids, 24, eos_token_id=None, kv_block=8, fuse=True), ref)
 
@@ -135,7 +127,7 @@ def test_unsupported_architecture_and_bad_input_give_one_line_errors():
 
 def test_engine_reuses_its_cache_and_reallocates_on_a_new_batch(stories):
     model, tok = stories
-    ids = _equal_len(tok, PROMPTS[:2])
+    ids = equal_length_ids(tok, PROMPTS[:2])
     eng = DecodeEngine(model)
     a = eng.generate(ids, 12, eos_token_id=None)
     kv = eng.kv
@@ -160,7 +152,7 @@ def test_api_generate_uses_the_engine_and_falls_back_for_other_families(stories_
     assert calls and not notes
     model, tok = __import__("slq.models.sources", fromlist=["load_model"]).load_model(stories_dir)
     ids = tok("Once upon a time", return_tensors="pt").input_ids
-    assert text == tok.decode(_hf(model, ids, 16)[0, ids.shape[1]:], skip_special_tokens=True)
+    assert text == tok.decode(hf_greedy(model, ids, 16)[0, ids.shape[1]:], skip_special_tokens=True)
 
     d = tmp_path / "gpt2"
     AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=512)).save_pretrained(d)
@@ -215,8 +207,8 @@ def test_gpu_fp16_cuda_graph_engine_equals_hf_generate(stories_dir, batch):
 
     model, tok = load_model(stories_dir, device="cuda")
     model.half()
-    ids = _equal_len(tok, PROMPTS[:batch]).cuda()
-    ref = _hf(model, ids, 32)
+    ids = equal_length_ids(tok, PROMPTS[:batch]).cuda()
+    ref = hf_greedy(model, ids, 32)
     eng = DecodeEngine(model)
     assert eng.cuda_graph and eng.kv_block == 256
     out = eng.generate(ids, 32, eos_token_id=model.generation_config.eos_token_id)
@@ -237,8 +229,8 @@ def test_gpu_compiled_step_in_a_cuda_graph_equals_the_eager_step(stories_dir, ba
 
     model, tok = load_model(stories_dir, device="cuda")
     model.half()
-    ids = _equal_len(tok, PROMPTS[:batch]).cuda()
-    ref = _hf(model, ids, 32, eos_token_id=None, pad_token_id=0)
+    ids = equal_length_ids(tok, PROMPTS[:batch]).cuda()
+    ref = hf_greedy(model, ids, 32, eos_token_id=None, pad_token_id=0)
     eager = DecodeEngine(model, fuse=True)
     a = eager.generate(ids, 32, eos_token_id=None)
     comp = DecodeEngine(model, fuse=True, compile=True)
@@ -275,8 +267,8 @@ def test_gpu_quantized_engine_equals_hf_generate(stories, tmp_path, backend):
         for m in q.modules():
             if isinstance(m, QuantLinear) and m.in_features % 32 == 0:
                 m.set_backend(backend)
-    ids = _equal_len(tok, PROMPTS[:2]).cuda()
-    ref = _hf(q, ids, 32)
+    ids = equal_length_ids(tok, PROMPTS[:2]).cuda()
+    ref = hf_greedy(q, ids, 32)
     out = DecodeEngine(q).generate(ids, 32, eos_token_id=q.generation_config.eos_token_id)
     assert _first_divergence_is_a_near_tie(q, ids, out, ref, tol=2e-2)
 

@@ -29,20 +29,12 @@ import torch
 from slq.runtime import speculative as sp
 from slq.runtime.decode import DecodeEngine
 from slq.util.errors import SlqError
+from conftest import equal_length_ids, hf_greedy
 
 PROMPTS = ["Once upon a time", "The little dog", "Lily went to the park"]
 ALPHA = 1e-3
 
 
-def _hf(model, ids, n, **kw):
-    with torch.inference_mode():
-        return model.generate(ids, max_new_tokens=n, do_sample=False, **kw)
-
-
-def _equal_len(tok, prompts):
-    ids = [tok(p, return_tensors="pt").input_ids[0] for p in prompts]
-    n = min(len(i) for i in ids)
-    return torch.stack([i[:n] for i in ids])
 
 
 def _tiny(seed=0, vocab=256, layers=2):
@@ -99,7 +91,7 @@ def test_greedy_equals_the_targets_own_greedy_generate(stories_pair, k, engine_k
     target, draft, tok = stories_pair
     for prompt in PROMPTS:
         ids = tok(prompt, return_tensors="pt").input_ids
-        ref = _hf(target, ids, 40)
+        ref = hf_greedy(target, ids, 40)
         out, rep = sp.generate(target, draft, ids, k=k, max_new_tokens=40, engine_kw=engine_kw)
         assert torch.equal(out, ref), (tok.decode(out[0]), tok.decode(ref[0]))
         assert 0 < rep.acceptance_rate < 1 and rep.rounds > 0  # the quantized draft is good, not perfect
@@ -112,15 +104,15 @@ def test_compiled_draft_and_verify_steps_equal_hf_generate(stories_pair):
     target, draft, tok = stories_pair
     ids = tok(PROMPTS[0], return_tensors="pt").input_ids
     out, _ = sp.generate(target, draft, ids, k=4, max_new_tokens=40, engine_kw={"compile": "aot_eager"})
-    assert torch.equal(out, _hf(target, ids, 40))
+    assert torch.equal(out, hf_greedy(target, ids, 40))
 
 
 def test_greedy_batch_with_eos_equals_hf_batch_generate(stories_pair):
     """Rows accept different counts and stop at different steps; the output equals transformers' batch."""
     target, draft, tok = stories_pair
-    ids = _equal_len(tok, PROMPTS + ["Tom had a red ball"])
+    ids = equal_length_ids(tok, PROMPTS + ["Tom had a red ball"])
     dot = tok.convert_tokens_to_ids(".")
-    ref = _hf(target, ids, 40, eos_token_id=dot, pad_token_id=0)
+    ref = hf_greedy(target, ids, 40, eos_token_id=dot, pad_token_id=0)
     out, rep = sp.generate(target, draft, ids, k=5, max_new_tokens=40, eos_token_id=dot, pad_token_id=0)
     assert torch.equal(out, ref)
     assert rep.batch == 4 and rep.rounds > 0
@@ -130,7 +122,7 @@ def test_greedy_tiny_random_llama_pair_equals_hf_generate():
     """A draft that is a different random model (low acceptance: nearly every round rejects at once)."""
     target, draft = _tiny(0), _tiny(7)
     ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(1))
-    ref = _hf(target, ids, 24, eos_token_id=None, pad_token_id=0)
+    ref = hf_greedy(target, ids, 24, eos_token_id=None, pad_token_id=0)
     out, rep = sp.generate(target, draft, ids, k=3, max_new_tokens=24, eos_token_id=None)
     assert torch.equal(out, ref)
     near, _ = sp.generate(target, _perturbed(target, 0.05), ids, k=3, max_new_tokens=24, eos_token_id=None)
@@ -170,7 +162,7 @@ def test_rollback_caches_equal_a_fresh_prefill_on_the_accepted_prefix(stories_pa
                           - ids.shape[1] + nxt.shape[1], eos_token_id=None)
     assert torch.equal(full, torch.cat([seq, nxt], 1))  # same seed, same tokens, without the inspection
     if temperature == 0:
-        assert torch.equal(full, _hf(target, ids, full.shape[1] - ids.shape[1], eos_token_id=None, pad_token_id=0))
+        assert torch.equal(full, hf_greedy(target, ids, full.shape[1] - ids.shape[1], eos_token_id=None, pad_token_id=0))
 
 
 def test_multi_token_forward_equals_single_steps(stories):
@@ -344,7 +336,7 @@ def test_gpu_cuda_graph_speculative_greedy_equals_hf_generate(stories_dir, stori
     assert tgt.cuda_graph and dft.cuda_graph
     for prompt in PROMPTS:
         ids = tok(prompt, return_tensors="pt").input_ids.cuda()
-        ref = _hf(target, ids, 40)
+        ref = hf_greedy(target, ids, 40)
         out, rep = sp.generate(tgt, dft, ids, k=4, max_new_tokens=40)
         assert torch.equal(out, ref)
     assert (5, 256) in tgt._tgraphs and dft._graphs  # the verify graph and the draft step graphs

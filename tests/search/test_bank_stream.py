@@ -23,6 +23,7 @@ from slq.util import dist
 from slq.util.dist import SINGLE
 from slq.util.errors import ConfigError
 from slq.util.preflight import check_bank_space
+from conftest import live_block_peak
 
 CONFIG = QuantConfig(group_size=32, batch_size=4)
 BITS = (2, 4, 8)
@@ -68,21 +69,6 @@ def _same_files(a: Path, b: Path) -> None:
         assert (a / n).read_bytes() == (b / n).read_bytes(), n
 
 
-def _block_peak(sm: StreamedModel, run) -> int:
-    """Max over every decoder block's start of the bytes of the model's non-meta parameters."""
-    peak = [0]
-
-    def hook(*_):
-        peak[0] = max(peak[0], sum(p.numel() * p.element_size() for p in sm.model.parameters()
-                                   if p.device.type != "meta"))
-
-    hs = [layer.register_forward_pre_hook(hook) for layer in sm.layers]
-    try:
-        run()
-    finally:
-        for h in hs:
-            h.remove()
-    return peak[0]
 
 
 @pytest.mark.parametrize("groups", [None, (32, None)])
@@ -108,7 +94,7 @@ def test_streamed_bank_of_a_deep_llama_holds_one_block(tmp_path):
     windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
     _build(_plain(path), tmp_path / "whole", windows)
     sm = StreamedModel(path)
-    peak = _block_peak(sm, lambda: _build(sm, tmp_path / "streamed", windows))
+    peak = live_block_peak(sm, lambda: _build(sm, tmp_path / "streamed", windows))
     _same_files(tmp_path / "whole", tmp_path / "streamed")
     one_block = sum(p.numel() * p.element_size() for p in sm.layers[0].parameters())
     whole = sum(p.numel() * p.element_size() for p in sm.model.parameters())
